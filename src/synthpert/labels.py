@@ -1,0 +1,33 @@
+"""The three-class label convention shared by every step.
+
+0 = not differentially expressed, 1 = downregulated, 2 = upregulated
+(PerturbQA's DE label 0 -> 0; DE with direction 0 -> 1; DE with direction 1 -> 2).
+"""
+
+from __future__ import annotations
+
+CELLS = ("k562", "rpe1", "hepg2", "jurkat")
+CELL_DISPLAY = {"k562": "K562", "rpe1": "RPE1", "hepg2": "HepG2", "jurkat": "Jurkat"}
+
+NOT_DE, DOWN, UP = 0, 1, 2
+CLASS_NAMES = {
+    NOT_DE: "not differentially expressed",
+    DOWN: "downregulated",
+    UP: "upregulated",
+}
+NAME_TO_CLASS = {name: cls for cls, name in CLASS_NAMES.items()}
+# Short column-friendly names, used in metric tables.
+CLASS_KEYS = {NOT_DE: "not_de", DOWN: "down", UP: "up"}
+
+
+def three_class(de: int, direction: int | None) -> int:
+    """Map PerturbQA's (DE label, direction label) to the three-class label."""
+    if de == 0:
+        return NOT_DE
+    if direction is None:
+        raise ValueError("a differentially expressed pair needs a direction")
+    return UP if direction == 1 else DOWN
+
+
+def display_cell(cell: str) -> str:
+    return CELL_DISPLAY.get(cell, cell)
