@@ -1,0 +1,35 @@
+# SynthPert: teach a small LLM to predict CRISPRi knockdown effects from critic-filtered
+# synthetic reasoning traces. Rules only wire files; every step is a `synthpert` subcommand.
+#
+#   snakemake --cores 2                               # offline demo (config/demo.yaml)
+#   snakemake --profile profiles/slurm                # the paper (config/config.yaml) on SLURM
+#   snakemake -n results/table3.csv                   # what one table needs
+
+
+from snakemake.utils import min_version, validate
+
+min_version("8.20")
+
+
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/demo.yaml"
+
+
+validate(config, "config/schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/traces.smk"
+include: "rules/train.smk"
+include: "rules/evaluate.smk"
+
+
+report: "report/workflow.rst"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,62 @@
+import json
+
+from synthpert import config as cfg
+from synthpert.embedded import embedded_dir, is_embedded
+
+cfg.check(config)
+
+SPLITS = cfg.splits(config)
+FILES = [f"{c}-{k}.csv" for c in config["data"]["cells"] for k in ("de", "dir")]
+LLM_ROWS = [r for r in config["evaluate"]["rows"] if r in cfg.LLM_ROWS]
+BASELINE_ROWS = [r for r in config["evaluate"]["rows"] if r not in cfg.LLM_ROWS]
+HOLDOUT_TABLE_SPLIT = "rpe1_holdout"
+
+
+wildcard_constraints:
+    split="|".join(SPLITS),
+    cell="|".join(config["data"]["cells"]),
+    shard=r"\d+",
+    variant="synthpert|sft_data|synthpert_balanced",
+    row="|".join(config["evaluate"]["rows"]),
+
+
+def settings(*sections):
+    """The config sections a step needs, as one JSON argument (a step reruns only when
+    its own settings change)."""
+    return json.dumps({s: config[s] for s in sections}, sort_keys=True)
+
+
+def model_files(name):
+    """The converted embedded model, when model `name` is the embedded one."""
+    model = config["models"][name]["model"]
+    return [str(embedded_dir(model))] if is_embedded(model) else []
+
+
+def trace_shards(wildcards):
+    return [
+        f"results/traces/{wildcards.split}/{cell}/{shard}.graded.parquet"
+        for cell in cfg.train_cells(config, wildcards.split)
+        for shard in range(config["traces"]["shards"])
+    ]
+
+
+def predictions(split, row):
+    cells = cfg.test_cells(config, split)
+    if row in BASELINE_ROWS:
+        return [f"results/predictions/{split}/{row}/{cell}.parquet" for cell in cells]
+    return [
+        f"results/predictions/{split}/{row}/{cell}/{shard}.parquet"
+        for cell in cells
+        for shard in range(config["evaluate"]["shards"])
+    ]
+
+
+def all_predictions(split):
+    return [p for row in config["evaluate"]["rows"] for p in predictions(split, row)]
+
+
+def all_targets():
+    targets = ["results/table5.csv", "results/table1.csv", "results/table2.csv", "results/table3.csv"]
+    if HOLDOUT_TABLE_SPLIT in SPLITS:
+        targets.append("results/table4.csv")
+    return targets

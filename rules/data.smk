@@ -1,0 +1,48 @@
+rule fetch:
+    output:
+        "resources/perturbqa/{file}",
+    params:
+        source=config["data"]["source"],
+        sha256=lambda wildcards: config["data"]["sha256"][wildcards.file],
+    log:
+        "logs/fetch/{file}.log",
+    wildcard_constraints:
+        file=r"(k562|rpe1|hepg2|jurkat)-(de|dir)\.csv",
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "synthpert fetch --source {params.source:q} --name {wildcards.file} "
+        "--sha256 {params.sha256} --out {output} 2> {log}"
+
+
+rule prepare:
+    input:
+        expand("resources/perturbqa/{file}", file=FILES),
+    output:
+        tuples="results/data/tuples.parquet",
+        splits=expand("results/data/splits/{split}.parquet", split=SPLITS),
+        table5=report("results/table5.csv", category="Data", caption="../report/table5.rst"),
+    params:
+        cells=config["data"]["cells"],
+        holdout=config["data"]["holdout"],
+    log:
+        "logs/prepare.log",
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "synthpert prepare --input-dir resources/perturbqa --cells {params.cells} "
+        "--holdout {params.holdout} --tuples {output.tuples} "
+        "--splits-dir results/data/splits --table5 {output.table5} 2> {log}"
+
+
+rule embedded_model:
+    output:
+        directory("resources/models/{name}"),
+    log:
+        "logs/embedded_model/{name}.log",
+    wildcard_constraints:
+        name="smollm2-135m-instruct",
+    conda:
+        "../envs/llm.yaml"
+    shell:
+        "synthpert embedded-model --out {output} 2> {log}"

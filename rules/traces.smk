@@ -1,0 +1,71 @@
+rule trace_sample:
+    input:
+        "results/data/splits/{split}.parquet",
+    output:
+        "results/traces/{split}/sample.parquet",
+    params:
+        settings=settings("traces"),
+    log:
+        "logs/traces/{split}/sample.log",
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "synthpert traces sample --split-file {input} --settings {params.settings:q} "
+        "--out {output} 2> {log}"
+
+
+rule traces:
+    input:
+        sample="results/traces/{split}/sample.parquet",
+        model=model_files(config["traces"]["model"]),
+    output:
+        traces="results/traces/{split}/{cell}/{shard}.parquet",
+        usage="results/traces/{split}/{cell}/{shard}.usage.json",
+    params:
+        settings=settings("traces", "models"),
+    log:
+        "logs/traces/{split}/{cell}/{shard}.log",
+    conda:
+        "../envs/llm.yaml"
+    shell:
+        "synthpert traces run --sample {input.sample} --cell {wildcards.cell} "
+        "--shard {wildcards.shard} --settings {params.settings:q} --out {output.traces} 2> {log}"
+
+
+rule critic_grade:
+    input:
+        traces="results/traces/{split}/{cell}/{shard}.parquet",
+        model=model_files(config["critic"]["model"]),
+    output:
+        "results/traces/{split}/{cell}/{shard}.graded.parquet",
+    params:
+        settings=settings("critic", "models"),
+    log:
+        "logs/critic/{split}/{cell}/{shard}.log",
+    conda:
+        "../envs/llm.yaml"
+    shell:
+        "synthpert critic grade --traces {input.traces} --settings {params.settings:q} "
+        "--out {output} 2> {log}"
+
+
+rule critic_select:
+    input:
+        trace_shards,
+    output:
+        sft=expand(
+            "results/sft/{{split}}/{variant}.parquet",
+            variant=["synthpert", "sft_data", "synthpert_balanced"],
+        ),
+        stats="results/sft/{split}/critic_stats.csv",
+        grades="results/sft/{split}/grades.csv",
+    params:
+        settings=settings("critic", "traces"),
+        out_dir="results/sft/{split}",
+    log:
+        "logs/critic/{split}/select.log",
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "synthpert critic select --grades {input} --split {wildcards.split} "
+        "--settings {params.settings:q} --out-dir {params.out_dir} 2> {log}"

@@ -1,0 +1,28 @@
+rule train:
+    input:
+        data="results/sft/{split}/{variant}.parquet",
+        model=model_files(config["train"]["model"]),
+    output:
+        adapter=directory("results/models/{split}/{variant}/adapter"),
+        log_csv="results/models/{split}/{variant}/train_log.csv",
+        metrics="results/models/{split}/{variant}/train_metrics.json",
+        loss=report(
+            "results/models/{split}/{variant}/loss.png",
+            category="Training",
+            subcategory="{split}",
+            labels={"variant": "{variant}", "split": "{split}"},
+            caption="../report/loss.rst",
+        ),
+    params:
+        settings=settings("train", "models"),
+        out_dir="results/models/{split}/{variant}",
+        checkpoints="results/checkpoints/{split}/{variant}",
+    resources:
+        gpu=1,
+    log:
+        "logs/train/{split}/{variant}.log",
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "synthpert train --data {input.data} --settings {params.settings:q} "
+        "--out-dir {params.out_dir} --checkpoint-dir {params.checkpoints} 2> {log}"

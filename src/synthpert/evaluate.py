@@ -1,0 +1,149 @@
+"""Step 5a: a model row answers the held-out questions of one (split, cell line, shard).
+
+Each question is asked as the paper's three-class question (task `de3`, Appendix C.1);
+differentially expressed tuples are also asked the direction-only question (`dir`, C.2).
+
+Scores: a local model reasons, then we read its own probabilities of the answer options
+after that reasoning (`score_source = probabilities`), so AUROC ranks real confidences and
+every question gets an answer. An API model without log-probabilities is scored with the
+paper's mapping (up/down = 1, not DE = 0, unparsed = 0.5; `score_source = label_mapping`)
+and an unparsed answer stays unparsed (counted wrong by the metrics, never dropped).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import polars as pl
+
+from synthpert import prompts
+from synthpert.cli import CommandError, settings_type
+from synthpert.config import TRAINED_ROWS
+from synthpert.io import write_parquet
+from synthpert.labels import CLASS_NAMES, DOWN, NOT_DE, UP
+from synthpert.llm import Request, RequestLog, make_backend
+
+log = logging.getLogger(__name__)
+
+TASK_OPTIONS = {
+    "de3": (NOT_DE, DOWN, UP),
+    "dir": (DOWN, UP),
+}
+
+
+def shard_rows(questions: pl.DataFrame, cell: str, shard: int, shards: int) -> pl.DataFrame:
+    """The questions of one cell line and shard (round-robin over the sorted questions)."""
+    rows = questions.filter(pl.col("cell") == cell).sort("qid")
+    if rows.height == 0:
+        raise CommandError(f"no questions for cell line {cell!r}; cells present: {questions['cell'].unique().sort().to_list()}")
+    if not 0 <= shard < shards:
+        raise CommandError(f"shard {shard} out of range: evaluate.shards is {shards}")
+    return rows.with_row_index("_i").filter(pl.col("_i") % shards == shard).drop("_i")
+
+
+def build_requests(rows: pl.DataFrame, generation: dict, local: bool) -> list[Request]:
+    requests = []
+    for q in rows.iter_rows(named=True):
+        tasks = ["de3"] + (["dir"] if q["label"] != NOT_DE else [])
+        for task in tasks:
+            requests.append(
+                Request(
+                    messages=prompts.question_messages(q["cell"], q["pert"], q["gene"], task),
+                    max_new_tokens=generation["max_new_tokens"],
+                    temperature=generation["temperature"],
+                    top_p=generation["top_p"],
+                    reasoning_effort=generation.get("reasoning_effort"),
+                    prefill="<think>\n" if local else "",
+                    options=tuple(CLASS_NAMES[c] for c in TASK_OPTIONS[task]) if local else (),
+                    tag=f"{q['qid']}|{task}",
+                )
+            )
+    return requests
+
+
+def option_probabilities(logprobs: dict[str, float], task: str) -> dict[int, float]:
+    """Softmax of the options' log-probabilities, by class."""
+    classes = TASK_OPTIONS[task]
+    values = [logprobs[CLASS_NAMES[c]] for c in classes]
+    top = max(values)
+    weights = [math.exp(v - top) for v in values]
+    total = sum(weights)
+    return {c: w / total for c, w in zip(classes, weights, strict=True)}
+
+
+def score_row(task: str, text: str, finish_reason: str, logprobs: dict | None) -> dict:
+    """Prediction, parse status and continuous score of one answer."""
+    if logprobs:
+        probs = option_probabilities(logprobs, task)
+        pred = max(probs, key=probs.get)
+        record = {"pred": pred, "status": "answered", "score_source": "probabilities"}
+        if task == "de3":
+            record["score_de"] = 1.0 - probs[NOT_DE]
+        else:
+            record["score_up"] = probs[UP]
+        record |= {"p_not_de": probs.get(NOT_DE), "p_down": probs[DOWN], "p_up": probs[UP]}
+        return record
+    pred, status = prompts.parse_answer(text, finish_reason, task)
+    record = {"pred": pred, "status": status, "score_source": "label_mapping"}
+    if task == "de3":
+        record["score_de"] = 0.5 if pred is None else float(pred != NOT_DE)
+    else:
+        record["score_up"] = 0.5 if pred is None else float(pred == UP)
+    return record
+
+
+PREDICTION_SCHEMA = {
+    "qid": pl.String, "cell": pl.String, "pert": pl.String, "gene": pl.String, "label": pl.Int8,
+    "task": pl.String, "raw_text": pl.String, "finish_reason": pl.String, "pred": pl.Int8,
+    "status": pl.String, "score_de": pl.Float64, "score_up": pl.Float64, "score_source": pl.String,
+    "p_not_de": pl.Float64, "p_down": pl.Float64, "p_up": pl.Float64,
+}
+
+
+def model_for_row(row: str, settings: dict) -> dict:
+    name = settings["traces"]["model"] if row == "teacher" else settings["train"]["model"]
+    return settings["models"][name]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--questions", required=True, type=Path)
+    parser.add_argument("--row", required=True, help="model row: base, sft_data, synthpert, teacher ...")
+    parser.add_argument("--split", required=True)
+    parser.add_argument("--cell", required=True)
+    parser.add_argument("--shard", required=True, type=int)
+    parser.add_argument("--adapter", type=Path, default=None, help="LoRA adapter (trained rows)")
+    parser.add_argument("--settings", required=True, type=settings_type,
+                        help="JSON: {evaluate, models, traces, train}")
+    parser.add_argument("--out", required=True, type=Path)
+
+
+def main(args) -> None:
+    settings = args.settings
+    if args.row in TRAINED_ROWS and args.adapter is None:
+        raise CommandError(f"row {args.row!r} is a fine-tuned student: pass --adapter")
+    spec = model_for_row(args.row, settings)
+    rows = shard_rows(pl.read_parquet(args.questions), args.cell, args.shard, settings["evaluate"]["shards"])
+    local = spec["backend"] == "local"
+    requests = build_requests(rows, settings["evaluate"]["generation"], local)
+    backend = make_backend(spec, adapter=str(args.adapter) if args.adapter else None)
+    request_log = RequestLog(args.out.with_suffix(".requests.jsonl"))
+    responses = backend.run(requests, request_log, desc=f"{args.row} {args.cell}#{args.shard}")
+    by_qid = {q["qid"]: q for q in rows.iter_rows(named=True)}
+    records = []
+    for req in requests:
+        qid, task = req.tag.split("|")
+        resp = responses.get(req.key(backend.model))
+        if resp is None:
+            raise CommandError(f"no answer for {req.tag}; rerun to resume")
+        q = by_qid[qid]
+        records.append(
+            {"qid": qid, "cell": q["cell"], "pert": q["pert"], "gene": q["gene"], "label": q["label"],
+             "task": task, "raw_text": resp.text, "finish_reason": resp.finish_reason}
+            | score_row(task, resp.text, resp.finish_reason, resp.option_logprobs)
+        )
+    df = pl.DataFrame(records, schema=PREDICTION_SCHEMA)
+    write_parquet(df, args.out)
+    usage = request_log.usage()
+    log.info("%d answers (%s); usage %s", df.height, df["status"].value_counts().to_dicts(), usage)

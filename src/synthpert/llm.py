@@ -1,0 +1,277 @@
+"""One chat interface for every LLM of the workflow (teacher, critic, students, API rows).
+
+A `Request` is content-addressed: `Request.key(model)` hashes the model id, the messages
+and every generation parameter (not the caller's `tag`), so the same question asked of
+the same model with the same settings has the same key in every run.
+
+A `RequestLog` is an append-only JSONL file, one line per finished request, written
+(and fsync'ed) the moment the answer arrives. Backends send only the requests whose key
+has no line yet, so a killed run resumes where it stopped and never pays twice.
+
+Which lines count as done: every line. Transient failures (HTTP 429, 5xx, connection
+errors, time-outs) are retried inside the run and are never written; only the final
+outcome of a request is: its answer (finish_reason "stop" or "length"), or an error line
+(finish_reason "error") after a permanent failure (any other HTTP 4xx, an unusable
+reply) or after `max_retries` transient failures in a row. Such an error line is final on
+purpose: a request the endpoint rejects is not resent on every run. A run that is
+interrupted leaves no line for the requests it had in flight, and the next run sends
+them again. To retry recorded errors, delete their lines (or the log). When a key has
+several lines (two runs writing one log), the last one wins.
+
+The backends (`backend_openai.OpenAIBackend`, `backend_local.LocalBackend`) are built
+from one `models:` entry of the configuration by `make_backend`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from synthpert.cli import CommandError
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+FINISH_REASONS = ("stop", "length", "error")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One chat request. `prefill` and `options` only work with the local backend;
+    `response_format` (the JSON text of an OpenAI response_format) only with openai."""
+
+    messages: tuple[tuple[str, str], ...]
+    max_new_tokens: int = 1024
+    temperature: float = 0.0
+    top_p: float = 1.0
+    reasoning_effort: str | None = None
+    response_format: str | None = None
+    prefill: str = ""
+    options: tuple[str, ...] = ()
+    option_tag: str = "answer"
+    tag: str = ""
+
+    def __post_init__(self) -> None:
+        # Accept lists from callers, store tuples (the dataclass is frozen and hashable).
+        messages = tuple(tuple(m) for m in self.messages)
+        if not messages:
+            raise ValueError("a Request needs at least one message")
+        for message in messages:
+            if len(message) != 2 or message[0] not in ROLES or not isinstance(message[1], str):
+                raise ValueError(f"a message must be (role, text) with role in {ROLES}; got {message!r}")
+        object.__setattr__(self, "messages", messages)
+        object.__setattr__(self, "options", tuple(self.options))
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.response_format is not None:
+            try:
+                json.loads(self.response_format)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"response_format is not JSON text: {err}") from None
+
+    def key(self, model: str) -> str:
+        """SHA-256 of the model id and every field except `tag` (the content address)."""
+        fields = dataclasses.asdict(self)
+        del fields["tag"]
+        payload = json.dumps({"model": model, **fields}, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class Response:
+    key: str
+    tag: str
+    text: str
+    finish_reason: str  # "stop" | "length" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    option_logprobs: dict[str, float] | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Response:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class RequestLog:
+    """Append-only JSONL of finished requests (see the module docstring for what is done)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._done: dict[str, Response] = {}
+        self._usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0}
+        self._lock = threading.Lock()
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        good_end = 0  # byte offset just after the last complete, parseable line
+        for number, line in enumerate(data.splitlines(keepends=True), start=1):
+            try:
+                if not line.endswith(b"\n"):
+                    raise ValueError("no newline")
+                record = json.loads(line)
+                response = Response.from_dict(record)
+            except (ValueError, TypeError) as err:
+                if good_end + len(line) == len(data):
+                    # The last line of a run killed mid-write: drop it, so appends stay valid JSONL.
+                    logger.warning("%s: dropping truncated last line %d", self.path, number)
+                    with open(self.path, "r+b") as fh:
+                        fh.truncate(good_end)
+                        os.fsync(fh.fileno())
+                    break
+                raise CommandError(f"{self.path}: line {number} is not a request-log record ({err})") from None
+            good_end += len(line)
+            self._remember(response)
+
+    def _remember(self, response: Response) -> None:
+        self._done[response.key] = response
+        self._usage["requests"] += 1
+        self._usage["prompt_tokens"] += response.prompt_tokens
+        self._usage["completion_tokens"] += response.completion_tokens
+        self._usage["errors"] += response.finish_reason == "error"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._done
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def get(self, key: str) -> Response | None:
+        return self._done.get(key)
+
+    def append(self, response: Response, model: str = "") -> None:
+        """Write one line and fsync it, so a kill right after loses nothing."""
+        if response.finish_reason not in FINISH_REASONS:
+            raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {response.finish_reason!r}")
+        record = {**dataclasses.asdict(response), "model": model, "time": time.time()}
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            self._remember(response)
+
+    def usage(self) -> dict:
+        """Requests, tokens and errors over every line of the log (all runs)."""
+        return dict(self._usage)
+
+
+class SpendingGuard:
+    """Caps what one run may spend. `allow()` claims one request (call it right before
+    sending); `charge()` adds the tokens of a finished one. Requests already in flight
+    when the token cap is reached still finish, so `max_tokens` can be overshot by them."""
+
+    def __init__(self, max_requests: int | None = None, max_tokens: int | None = None) -> None:
+        self.max_requests = max_requests
+        self.max_tokens = max_tokens
+        self.requests = 0
+        self.tokens = 0
+        self.exhausted = False  # True once allow() has refused a request
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self._lock:
+            over = (self.max_requests is not None and self.requests >= self.max_requests) or (
+                self.max_tokens is not None and self.tokens >= self.max_tokens
+            )
+            if over:
+                self.exhausted = True
+                return False
+            self.requests += 1
+            return True
+
+    def charge(self, response: Response) -> None:
+        with self._lock:
+            self.tokens += response.prompt_tokens + response.completion_tokens
+
+
+class Backend(Protocol):
+    model: str
+
+    def run(
+        self,
+        requests: Sequence[Request],
+        log: RequestLog,
+        guard: SpendingGuard | None = None,
+        desc: str = "requests",
+    ) -> dict[str, Response]: ...
+
+
+def plan(requests: Sequence[Request], model: str, log: RequestLog) -> tuple[dict[str, Response], dict[str, Request]]:
+    """Split requests into answers already in the log and the distinct ones still to send."""
+    done: dict[str, Response] = {}
+    pending: dict[str, Request] = {}
+    for request in requests:
+        key = request.key(model)
+        answer = log.get(key)
+        if answer is not None:
+            done[key] = answer
+        else:
+            pending.setdefault(key, request)
+    if done:
+        logger.info("%d of %d distinct requests already answered in %s", len(done), len(done) + len(pending), log.path)
+    return done, pending
+
+
+def api_key(spec: dict) -> str:
+    """The API key from the environment variable the spec names ("" when it names none,
+    for endpoints without authentication). The value never appears in a message."""
+    name = spec.get("api_key_env", "OPENAI_API_KEY")
+    if name is None:
+        return ""
+    value = os.environ.get(name, "")
+    if not value.strip():
+        raise CommandError(
+            f"the API key for model {spec.get('model')!r} is read from the environment variable "
+            f"{name}, which is not set (or empty); export {name}=... first"
+        )
+    return value.strip()
+
+
+def resolve_local_model(model: str) -> str:
+    """An `embedded:` model becomes its converted folder (which must exist already)."""
+    from synthpert.embedded import embedded_dir, is_embedded
+
+    if not is_embedded(model):
+        return model
+    folder = embedded_dir(model)
+    if not (folder / "config.json").exists():
+        raise CommandError(
+            f"the embedded model {model!r} is not converted yet ({folder} is missing); run the "
+            f"embedded-model rule first (synthpert embedded-model --out {folder})"
+        )
+    return str(folder)
+
+
+def make_backend(spec: dict, adapter: str | None = None) -> Backend:
+    """Build the backend of one `models:` entry; `adapter` is a PEFT folder (local only)."""
+    kind = spec.get("backend")
+    if kind == "openai":
+        if adapter is not None:
+            raise CommandError(f"model {spec.get('model')!r}: an adapter needs backend local, not openai")
+        from synthpert.backend_openai import OpenAIBackend
+
+        return OpenAIBackend(spec)
+    if kind == "local":
+        from synthpert.backend_local import LocalBackend
+
+        return LocalBackend(spec, adapter=adapter)
+    raise CommandError(f"model {spec.get('model')!r}: backend must be 'openai' or 'local', got {kind!r}")

@@ -1,0 +1,48 @@
+"""The held-out questions of one split: its test rows, or a seeded sample stratified by
+class within each cell line, so every model row answers exactly the same questions."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import polars as pl
+
+from synthpert.cli import CommandError, settings_type
+from synthpert.io import write_parquet
+from synthpert.sampling import sample_size, stratified
+
+log = logging.getLogger(__name__)
+
+
+def qid_expr() -> pl.Expr:
+    return pl.concat_str(["cell", "pert", "gene"], separator=":")
+
+
+def select_questions(split_df: pl.DataFrame, sample: dict) -> pl.DataFrame:
+    test = split_df.filter(pl.col("role") == "test")
+    if test.height == 0:
+        raise CommandError("the split has no test rows")
+    parts = []
+    for cell in sorted(test["cell"].unique().to_list()):
+        rows = test.filter(pl.col("cell") == cell)
+        parts.append(stratified(rows, "label", sample_size(rows.height, sample), sample.get("seed", 88)))
+    return (
+        pl.concat(parts)
+        .with_columns(qid_expr().alias("qid"))
+        .select("qid", "cell", "pert", "gene", "de", "direction", "label")
+        .sort("cell", "pert", "gene")
+    )
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--split-file", required=True, type=Path)
+    parser.add_argument("--settings", required=True, type=settings_type, help="JSON: {evaluate: ...}")
+    parser.add_argument("--out", required=True, type=Path)
+
+
+def main(args) -> None:
+    questions = select_questions(pl.read_parquet(args.split_file), args.settings["evaluate"].get("sample", {}))
+    write_parquet(questions, args.out)
+    counts = questions.group_by("cell", "label").len().sort("cell", "label")
+    log.info("%d questions\n%s", questions.height, counts)

@@ -1,0 +1,41 @@
+"""Seeded samples shared by the trace and evaluation steps."""
+
+from __future__ import annotations
+
+import polars as pl
+
+
+def sample_size(n: int, sample: dict) -> int:
+    """Rows to keep out of `n` for a `sample` setting ({count, fraction, seed}); count wins."""
+    if sample.get("count") is not None:
+        return min(n, int(sample["count"]))
+    if sample.get("fraction") is not None:
+        return min(n, round(n * float(sample["fraction"])))
+    return n
+
+
+def stratified(df: pl.DataFrame, by: str, size: int, seed: int) -> pl.DataFrame:
+    """Seeded sample of `size` rows with each `by` class in proportion (largest remainder),
+    keeping at least one row of every class present when `size` allows."""
+    if size >= df.height:
+        return df
+    counts = df.group_by(by).len().sort(by)
+    classes, sizes = counts[by].to_list(), counts["len"].to_list()
+    quotas = [size * s / df.height for s in sizes]
+    alloc = [int(q) for q in quotas]
+    if size >= len(classes):
+        alloc = [max(1, a) for a in alloc]
+    order = sorted(range(len(classes)), key=lambda i: quotas[i] - int(quotas[i]), reverse=True)
+    i = 0
+    while sum(alloc) < size:
+        j = order[i % len(order)]
+        if alloc[j] < sizes[j]:
+            alloc[j] += 1
+        i += 1
+    while sum(alloc) > size:  # the at-least-one rule overshot: trim the largest
+        j = max(range(len(alloc)), key=lambda k: alloc[k])
+        alloc[j] -= 1
+    parts = [
+        df.filter(pl.col(by) == cls).sample(n, seed=seed) for cls, n in zip(classes, alloc, strict=True) if n > 0
+    ]
+    return pl.concat(parts)
