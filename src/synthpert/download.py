@@ -41,23 +41,24 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def _stream_url(url: str, dest, name: str) -> None:
-    import httpx
+    import urllib.error
+    import urllib.request
 
     try:
-        with httpx.stream("GET", url, follow_redirects=True, timeout=60) as resp:
-            if resp.status_code != 200:
-                raise CommandError(f"{name}: HTTP {resp.status_code} from {url}")
-            total = int(resp.headers.get("content-length", 0)) or None
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            total = int(resp.headers.get("Content-Length", 0)) or None
+            received = 0
             with tqdm(total=total, unit="B", unit_scale=True, desc=name) as bar:
-                for chunk in resp.iter_bytes(CHUNK):
+                while chunk := resp.read(CHUNK):
                     dest.write(chunk)
+                    received += len(chunk)
                     bar.update(len(chunk))
-            if total is not None and resp.num_bytes_downloaded != total:
-                raise CommandError(
-                    f"{name}: truncated download from {url}: got {resp.num_bytes_downloaded} of {total} bytes"
-                )
-    except httpx.HTTPError as err:
+    except urllib.error.HTTPError as err:
+        raise CommandError(f"{name}: HTTP {err.code} from {url}") from None
+    except (urllib.error.URLError, OSError) as err:
         raise CommandError(f"{name}: download from {url} failed: {err}") from None
+    if total is not None and received != total:
+        raise CommandError(f"{name}: truncated download from {url}: got {received} of {total} bytes")
 
 
 def _copy_local(path: Path, dest, name: str) -> None:

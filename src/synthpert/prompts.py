@@ -246,8 +246,7 @@ def parse_answer(text: str, finish_reason: str = "stop", task: str = "de3") -> t
     after = text[ends[-1].end() :] if ends else ""
     contents = _ANSWER_TAG.findall(after) or _ANSWER_TAG.findall(text)
     if finish_reason != "length":
-        rest = text[text.lower().rfind("</answer>") + 1 :] if contents else text
-        tail = _OPEN_ANSWER_AT_END.search(rest)
+        tail = _OPEN_ANSWER_AT_END.search(text)
         if tail and tail.group(1).strip():
             contents.append(tail.group(1))
     if not contents:
@@ -255,12 +254,14 @@ def parse_answer(text: str, finish_reason: str = "stop", task: str = "de3") -> t
     found = set().union(*(_labels_in(c) for c in contents))
     if len(found) > 1:
         return None, "ambiguous"
-    if found == {_UNKNOWN}:
-        return None, "unknown"
-    if not found or found.pop() not in TASK_LABELS[task]:
+    if not found:
         return None, "invalid"
-    (pred,) = _labels_in("".join(contents))
-    return pred, "answered"
+    (label,) = found
+    if label == _UNKNOWN:
+        return None, "unknown"
+    if label not in TASK_LABELS[task]:
+        return None, "invalid"
+    return label, "answered"
 
 
 def parse_reasoning(text: str) -> str | None:

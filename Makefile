@@ -1,0 +1,28 @@
+# Two entry points on a fresh machine; each installs what it needs into .venv first.
+#   make demo   the whole workflow offline on the embedded model (config/demo.yaml)
+#   make test   the test suite
+
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU build of PyTorch; set TORCH="torch" (or a CUDA index) on a GPU machine.
+TORCH ?= torch==2.13.0
+CORES ?= 2
+BIN := $(VENV)/bin
+
+.PHONY: demo test install
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" snakemake --cores $(CORES)
+	PATH="$(CURDIR)/$(BIN):$$PATH" snakemake --report results/report.html
+
+test: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest -q

@@ -1,0 +1,271 @@
+"""Step 2: a teacher LLM writes reasoning traces for a seeded sample of training tuples.
+
+`synthpert traces sample` draws the tuples once per split (pooled over cell lines, the
+paper's 15 % with seed 88) and deals them into shards per cell line; `synthpert traces
+run` asks the teacher about one (cell line, shard). The draw does not depend on the
+number of shards, so changing `traces.shards` re-deals the same tuples.
+
+Every answer is kept in an append-only request log beside the output (not a Snakemake
+output, so it survives a failed job): a rerun sends only what the log lacks, and a run
+stopped by the spending guard resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import polars as pl
+
+from synthpert.cli import CommandError, settings_type
+from synthpert.io import atomic_path, write_parquet
+from synthpert.labels import CLASS_KEYS, CLASS_NAMES, NAME_TO_CLASS
+from synthpert.llm import Request, RequestLog, SpendingGuard, make_backend
+from synthpert.prompts import APPROACHES, generator_messages, parse_answer, parse_reasoning
+from synthpert.sampling import sample_size
+
+log = logging.getLogger(__name__)
+
+TUPLE = ["cell", "pert", "gene"]
+LABEL_OPTIONS = tuple(CLASS_NAMES[c] for c in sorted(CLASS_NAMES))
+TRACE_SCHEMA = {
+    "tid": pl.String,
+    "cell": pl.String,
+    "pert": pl.String,
+    "gene": pl.String,
+    "label": pl.Int8,
+    "reasoning": pl.String,
+    "answer": pl.Int8,
+    "status": pl.String,
+    "finish_reason": pl.String,
+    "prompt_tokens": pl.Int64,
+    "completion_tokens": pl.Int64,
+    "correct": pl.Boolean,
+    **{f"prob_{CLASS_KEYS[c]}": pl.Float64 for c in sorted(CLASS_KEYS)},
+    "raw_text": pl.String,
+}
+
+
+# --- settings ------------------------------------------------------------------------
+
+
+def section(settings: dict, name: str) -> dict:
+    """One configuration section of `--settings`, with a clear error when absent."""
+    value = settings.get(name)
+    if not isinstance(value, dict):
+        raise CommandError(f"--settings needs a JSON object under {name!r}; got keys {sorted(settings)}")
+    return value
+
+
+def model_spec(settings: dict, step: str) -> dict:
+    """The `models:` entry that `<step>.model` names."""
+    name = section(settings, step).get("model", "teacher" if step == "traces" else step)
+    models = section(settings, "models")
+    if name not in models:
+        raise CommandError(f"{step}.model is {name!r}, which is not among the models {sorted(models)}")
+    return models[name]
+
+
+def request_log_path(out: Path) -> Path:
+    """`<out without .parquet>.requests.jsonl`: the append-only log of one output."""
+    return out.with_name(out.name.removesuffix(".parquet") + ".requests.jsonl")
+
+
+def usage_path(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".parquet") + ".usage.json")
+
+
+def generation_params(generation: dict) -> dict:
+    """Request fields from a `generation:` setting (schema defaults where absent)."""
+    return {
+        "max_new_tokens": generation.get("max_new_tokens", 1024),
+        "temperature": generation.get("temperature", 0.0),
+        "top_p": generation.get("top_p", 1.0),
+        "reasoning_effort": generation.get("reasoning_effort"),
+    }
+
+
+def run_requests(backend, requests: list[Request], log_file: Path, guard: SpendingGuard | None, desc: str) -> dict:
+    """Send what the log lacks; if the guard stopped the run, say what is left and stop."""
+    responses = backend.run(requests, RequestLog(log_file), guard=guard, desc=desc)
+    keys = {r.key(backend.model) for r in requests}
+    missing = len(keys - responses.keys())
+    if missing:
+        why = "the spending guard stopped the run" if guard is not None and guard.exhausted else "no answer came back"
+        raise CommandError(
+            f"{desc}: {why} with {len(keys) - missing} of {len(keys)} requests answered, {missing} missing; "
+            f"answers are kept in {log_file}, so rerunning (with a higher limit) resumes where it stopped"
+        )
+    return responses
+
+
+# --- sample --------------------------------------------------------------------------
+
+
+def tid_expr() -> pl.Expr:
+    """Stable id of a training tuple."""
+    return pl.concat_str(TUPLE, separator=":")
+
+
+def draw_sample(split_df: pl.DataFrame, sample: dict, shards: int) -> pl.DataFrame:
+    """Seeded sample of the pooled training rows, dealt into `shards` per cell line.
+
+    Rows are sorted before drawing, so the draw depends on the data and the seed only;
+    shards are dealt round-robin in `tid` order within each cell line, so they are
+    balanced and the sampled tuples do not depend on `shards`.
+    """
+    if shards < 1:
+        raise CommandError(f"traces.shards must be >= 1, got {shards}")
+    missing = [c for c in [*TUPLE, "label", "role"] if c not in split_df.columns]
+    if missing:
+        raise CommandError(f"the split table lacks column(s) {missing}; found {split_df.columns}")
+    train = split_df.filter(pl.col("role") == "train").sort(TUPLE)
+    if train.height == 0:
+        raise CommandError("the split has no training rows (role == 'train')")
+    size = sample_size(train.height, sample)
+    if sample.get("count") is not None and sample["count"] > train.height:
+        log.warning("traces.sample.count = %d but only %d training rows: taking all", sample["count"], train.height)
+    picked = train.sample(size, seed=sample.get("seed", 88)) if size < train.height else train
+    return (
+        picked.with_columns(tid_expr().alias("tid"))
+        .sort("cell", "tid")
+        .with_columns((pl.int_range(pl.len()).over("cell") % shards).cast(pl.Int32).alias("shard"))
+        .select("tid", *[c for c in picked.columns if c != "role"], "shard")
+    )
+
+
+# --- run -----------------------------------------------------------------------------
+
+
+def shard_rows(sample: pl.DataFrame, cell: str, shard: int, shards: int) -> pl.DataFrame:
+    """The tuples of one (cell line, shard); an empty frame for an empty shard."""
+    cells = sorted(sample["cell"].unique().to_list())
+    if cell not in cells:
+        raise CommandError(f"cell line {cell!r} is not in the trace sample; its cell lines are {cells}")
+    if not 0 <= shard < shards:
+        raise CommandError(f"shard {shard} is outside 0..{shards - 1} (traces.shards = {shards})")
+    if sample["shard"].max() >= shards:
+        raise CommandError(
+            f"the sample was dealt into more shards than traces.shards = {shards}; rerun `synthpert traces sample`"
+        )
+    return sample.filter((pl.col("cell") == cell) & (pl.col("shard") == shard))
+
+
+def generator_requests(rows: pl.DataFrame, traces: dict, local: bool) -> list[Request]:
+    """One teacher request per tuple. A local model starts inside `<think>` and its answer
+    is the likeliest of the three labels, so it always yields one."""
+    approach = traces.get("approach", "explain")
+    if approach not in APPROACHES:
+        raise CommandError(f"traces.approach must be one of {APPROACHES}, got {approach!r}")
+    params = generation_params(traces.get("generation", {}))
+    extra = {"prefill": "<think>\n", "options": LABEL_OPTIONS, "option_tag": "answer"} if local else {}
+    return [
+        Request(
+            messages=generator_messages(row["cell"], row["pert"], row["gene"], row["label"], approach),
+            tag=row["tid"],
+            **params,
+            **extra,
+        )
+        for row in rows.iter_rows(named=True)
+    ]
+
+
+def _option_probs(logprobs: dict[str, float]) -> dict[int, float]:
+    """Softmax over the three label options."""
+    top = max(logprobs.values())
+    weights = {NAME_TO_CLASS[name]: math.exp(lp - top) for name, lp in logprobs.items()}
+    total = sum(weights.values())
+    return {cls: w / total for cls, w in weights.items()}
+
+
+def trace_record(row: dict, response) -> dict:
+    """One output row from a tuple and its teacher response."""
+    probs: dict[int, float] = {}
+    if response.finish_reason == "error":
+        answer, status = None, "error"
+    elif response.option_logprobs:
+        probs = _option_probs(response.option_logprobs)
+        answer = max(probs, key=probs.get)
+        status = "truncated" if response.finish_reason == "length" else "answered"
+    else:
+        answer, status = parse_answer(response.text, response.finish_reason)
+    return {
+        "tid": row["tid"],
+        "cell": row["cell"],
+        "pert": row["pert"],
+        "gene": row["gene"],
+        "label": row["label"],
+        "reasoning": None if status == "error" else parse_reasoning(response.text),
+        "answer": answer,
+        "status": status,
+        "finish_reason": response.finish_reason,
+        "prompt_tokens": response.prompt_tokens,
+        "completion_tokens": response.completion_tokens,
+        "correct": answer == row["label"],
+        **{f"prob_{CLASS_KEYS[c]}": probs.get(c) for c in sorted(CLASS_KEYS)},
+        "raw_text": response.text,
+    }
+
+
+def run_shard(sample: pl.DataFrame, cell: str, shard: int, settings: dict, out: Path, backend) -> pl.DataFrame:
+    """Ask the teacher about one shard; write the traces and the usage beside them."""
+    traces = section(settings, "traces")
+    rows = shard_rows(sample, cell, shard, traces.get("shards", 1))
+    local = model_spec(settings, "traces")["backend"] == "local"
+    requests = generator_requests(rows, traces, local)
+    guard = SpendingGuard(traces.get("max_requests"), traces.get("max_tokens"))
+    log_file = request_log_path(out)
+    responses = run_requests(backend, requests, log_file, guard, f"traces {cell} shard {shard}")
+    records = [
+        trace_record(row, responses[req.key(backend.model)])
+        for row, req in zip(rows.iter_rows(named=True), requests, strict=True)
+    ]
+    df = pl.DataFrame(records, schema=TRACE_SCHEMA)
+    usage = {"model": backend.model, "cell": cell, "shard": shard, "tuples": rows.height, **RequestLog(log_file).usage()}
+    with atomic_path(usage_path(out)) as tmp:
+        tmp.write_text(json.dumps(usage, indent=2) + "\n")
+    write_parquet(df, out)
+    return df
+
+
+# --- CLI -----------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    sample = sub.add_parser("sample", help="seeded sample of a split's training tuples, dealt into shards")
+    sample.add_argument("--split-file", required=True, type=Path, help="results/data/splits/<split>.parquet")
+    sample.add_argument("--settings", required=True, type=settings_type, help="JSON: {traces: ...}")
+    sample.add_argument("--out", required=True, type=Path, help="output: sample.parquet")
+    run = sub.add_parser("run", help="the teacher writes the traces of one (cell line, shard)")
+    run.add_argument("--sample", required=True, type=Path, help="sample.parquet of `traces sample`")
+    run.add_argument("--cell", required=True)
+    run.add_argument("--shard", required=True, type=int)
+    run.add_argument("--settings", required=True, type=settings_type, help="JSON: {traces: ..., models: ...}")
+    run.add_argument("--out", required=True, type=Path, help="output: <shard>.parquet (+ .usage.json beside it)")
+
+
+def _read(path: Path) -> pl.DataFrame:
+    if not path.is_file():
+        raise CommandError(f"{path}: file not found")
+    return pl.read_parquet(path)
+
+
+def main(args) -> None:
+    traces = section(args.settings, "traces")
+    if args.action == "sample":
+        df = draw_sample(_read(args.split_file), traces.get("sample", {}), traces.get("shards", 1))
+        write_parquet(df, args.out)
+        counts = df.group_by("cell", "shard").len().sort("cell", "shard")
+        log.info("%d tuples sampled\n%s", df.height, counts)
+        return
+    if not args.out.name.endswith(".parquet"):
+        raise CommandError(f"--out must end in .parquet, got {args.out}")
+    sample = _read(args.sample)
+    shard_rows(sample, args.cell, args.shard, traces.get("shards", 1))  # fail fast, before loading a model
+    backend = make_backend(model_spec(args.settings, "traces"))
+    df = run_shard(sample, args.cell, args.shard, args.settings, args.out, backend)
+    counts = df.group_by("status").agg(pl.len(), pl.col("correct").sum()).sort("status")
+    log.info("%d traces written to %s\n%s", df.height, args.out, counts)
