@@ -40,7 +40,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from synthpert.cli import CommandError
+import polars as pl
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+from synthpert.cli import CommandError, settings_type
 from synthpert.io import atomic_path, write_csv
 
 log = logging.getLogger(__name__)
@@ -119,8 +127,6 @@ def student_model(settings: dict[str, Any], cfg: TrainSettings) -> str:
 
 def read_conversations(path: str | os.PathLike) -> list[list[dict[str, str]]]:
     """The `messages` of every row; each must end with its only assistant turn."""
-    import polars as pl
-
     path = Path(path)
     if not path.is_file():
         raise CommandError(f"SFT data {path} does not exist")
@@ -150,8 +156,6 @@ def resolve_chat_template(tokenizer, template_path: str | os.PathLike | None = N
     else the tokenizer's own template. The choice is checked on a probe conversation and
     refused with a CommandError when it would drop or move the assistant turn.
     """
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
     if template_path is not None:
         path = Path(template_path)
         if not path.is_file():
@@ -202,8 +206,6 @@ def token_lengths(tokenizer, conversations: list[list[dict]], template: ChatTemp
 
 def to_dataset(conversations: list[list[dict]], template: ChatTemplate):
     """A TRL conversational dataset: `messages`, or `prompt`/`completion` without generation markers."""
-    from datasets import Dataset
-
     if template.loss == ASSISTANT_ONLY:
         return Dataset.from_dict({"messages": conversations})
     return Dataset.from_dict({"prompt": [c[:-1] for c in conversations], "completion": [c[-1:] for c in conversations]})
@@ -214,8 +216,6 @@ def to_dataset(conversations: list[list[dict]], template: ChatTemplate):
 
 def precision(dtype_setting: str = "auto", load_in_4bit: bool = False) -> tuple[Any, str]:
     """(torch dtype to load the student in, name): bf16 on CUDA with native bf16, else fp32."""
-    import torch
-
     cuda = torch.cuda.is_available()
     if load_in_4bit and not cuda:
         raise CommandError("train.load_in_4bit (QLoRA through bitsandbytes) needs a CUDA GPU; none is available")
@@ -228,17 +228,12 @@ def precision(dtype_setting: str = "auto", load_in_4bit: bool = False) -> tuple[
 
 def load_student(path: str, dtype, load_in_4bit: bool = False):
     """The base model, optionally quantised to 4 bit (QLoRA)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     kwargs: dict[str, Any] = {"dtype": dtype}
     if load_in_4bit:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise CommandError("train.load_in_4bit needs bitsandbytes (pip install 'synthpert[gpu]')") from None
-        from transformers import BitsAndBytesConfig
-
         compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float16
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
@@ -253,8 +248,6 @@ def load_student(path: str, dtype, load_in_4bit: bool = False):
 
 
 def lora_config(cfg: TrainSettings):
-    from peft import LoraConfig
-
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -271,9 +264,6 @@ def build_trainer(model, tokenizer, conversations, cfg: TrainSettings, template:
     `max_length` is not passed to TRL: rows were measured and filtered before, so TRL
     must not truncate anything.
     """
-    import torch
-    from trl import SFTConfig, SFTTrainer
-
     tokenizer.chat_template = template.text  # TRL renders with it; saved with the adapter
     cuda = torch.cuda.is_available()
     args = SFTConfig(
@@ -287,7 +277,7 @@ def build_trainer(model, tokenizer, conversations, cfg: TrainSettings, template:
         max_length=None,
         assistant_only_loss=template.loss == ASSISTANT_ONLY,
         completion_only_loss=template.loss == COMPLETION_ONLY,
-        bf16=model.dtype == torch.bfloat16 or (cfg.load_in_4bit and torch.cuda.is_bf16_supported()),
+        bf16=model.dtype == torch.bfloat16,
         fp16=model.dtype == torch.float16,
         gradient_checkpointing=cuda,  # memory is what limits a GPU; a CPU run is limited by time
         logging_steps=cfg.logging_steps,
@@ -386,8 +376,6 @@ class _SessionTokens:
 
 
 def peak_memory() -> tuple[int, str]:
-    import torch
-
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated(), "cuda_max_memory_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
@@ -399,8 +387,6 @@ def write_log(history: list[dict], csv_path: Path, png_path: Path) -> list[dict]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import polars as pl
-
     rows = [{col: entry.get(col) for col in LOG_COLUMNS} for entry in history if "loss" in entry]
     schema = {col: pl.Int64 if col == "step" else pl.Float64 for col in LOG_COLUMNS}
     write_csv(pl.DataFrame(rows, schema=schema), csv_path)
@@ -432,8 +418,6 @@ def _move_into_place(staging: Path, out_dir: Path, names: list[str]) -> None:
 
 def train(data, settings: dict[str, Any], out_dir, checkpoint_dir=None, callbacks=()) -> dict[str, Any]:
     """Fine-tune the student on one SFT table; returns the metrics written to train_metrics.json."""
-    from transformers import AutoTokenizer
-
     data, out_dir = Path(data), Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
     cfg = TrainSettings.from_dict(settings.get("train") or {})
@@ -464,11 +448,9 @@ def train(data, settings: dict[str, Any], out_dir, checkpoint_dir=None, callback
 
     resume = resume_point(checkpoint_dir, fingerprint(data, settings, model_path, template))
     model = load_student(model_path, dtype, cfg.load_in_4bit)
-    counter = _SessionTokens()
+    counter = TokenCounter()
     trainer = build_trainer(model, tokenizer, kept, cfg, template, checkpoint_dir, [counter, *callbacks])
     check_loss_covers_assistant(tokenizer, trainer.train_dataset[0], kept[0][-1]["content"], cfg.max_length)
-
-    import torch
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -521,8 +503,6 @@ def train(data, settings: dict[str, Any], out_dir, checkpoint_dir=None, callback
 
 
 def add_arguments(parser) -> None:
-    from synthpert.cli import settings_type
-
     parser.add_argument("--data", required=True, help="SFT table (parquet with a 'messages' column)")
     parser.add_argument("--settings", required=True, type=settings_type, help='JSON {"train": {...}, "models": {...}}')
     parser.add_argument("--out-dir", required=True, help="folder for adapter/, train_log.csv, loss.png, train_metrics.json")
