@@ -10,6 +10,10 @@ FILES = [f"{c}-{k}.csv" for c in config["data"]["cells"] for k in ("de", "dir")]
 LLM_ROWS = [r for r in config["evaluate"]["rows"] if r in cfg.LLM_ROWS]
 BASELINE_ROWS = [r for r in config["evaluate"]["rows"] if r not in cfg.LLM_ROWS]
 HOLDOUT_TABLE_SPLIT = "rpe1_holdout"
+# critic_select always writes both plain variants; the balanced one only when trained.
+SFT_VARIANTS = ["synthpert", "sft_data"] + [
+    v for v in config["train"]["variants"] if v == "synthpert_balanced"
+]
 
 
 wildcard_constraints:

@@ -53,19 +53,17 @@ rule critic_select:
     input:
         trace_shards,
     output:
-        sft=expand(
-            "results/sft/{{split}}/{variant}.parquet",
-            variant=["synthpert", "sft_data", "synthpert_balanced"],
-        ),
+        sft=expand("results/sft/{{split}}/{variant}.parquet", variant=SFT_VARIANTS),
         stats="results/sft/{split}/critic_stats.csv",
         grades="results/sft/{split}/grades.csv",
     params:
         settings=settings("critic", "traces"),
         out_dir="results/sft/{split}",
+        balanced="--balanced" if "synthpert_balanced" in SFT_VARIANTS else "",
     log:
         "logs/critic/{split}/select.log",
     conda:
         "../envs/data.yaml"
     shell:
         "synthpert critic select --grades {input} --split {wildcards.split} "
-        "--settings {params.settings:q} --out-dir {params.out_dir} 2> {log}"
+        "--settings {params.settings:q} --out-dir {params.out_dir} {params.balanced} 2> {log}"

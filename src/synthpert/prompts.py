@@ -24,7 +24,6 @@ Messages = tuple[tuple[str, str], ...]
 TASKS = ("de3", "dir")
 APPROACHES = ("explain", "predict")
 GRADES = ("excellent", "good", "average", "bad", "terrible")
-UNKNOWN_ANSWER = "I do not know"
 
 # Paper Appendix C.1: system prompt of the three-class question (evaluation and SFT);
 # the original's prompt_mode "default".
@@ -38,7 +37,7 @@ SYSTEM_PROMPT = (
     "Example: <think> [Your reasoning here] </think><answer> [upregulated / downregulated / not differentially expressed] </answer>"
 )
 
-# Paper Appendix C.1: the user query (the original has no space after the last period).
+# Paper Appendix C.1: the user query ({cell} is the display name, e.g. "HepG2").
 USER_QUERY = (
     "Analyze the regulatory effect of knocking down the {pert} gene on the {gene} gene "
     "in a single-cell {cell} cell line using CRISPR interference."
@@ -166,7 +165,9 @@ def question_messages(cell: str, pert: str, gene: str, task: str = "de3") -> Mes
     return (("system", SYSTEM_PROMPT), ("user", query))
 
 
-def generator_messages(cell: str, pert: str, gene: str, label: int | None = None, approach: str = "explain") -> Messages:
+def generator_messages(
+    cell: str, pert: str, gene: str, label: int | None = None, approach: str = "explain"
+) -> Messages:
     """Teacher prompt: `explain` states the true label (paper approach 2), `predict` does not."""
     _check("approach", approach, APPROACHES)
     if approach == "explain":

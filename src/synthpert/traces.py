@@ -21,7 +21,7 @@ import polars as pl
 
 from synthpert.cli import CommandError, settings_type
 from synthpert.io import atomic_path, write_parquet
-from synthpert.labels import CLASS_KEYS, CLASS_NAMES, NAME_TO_CLASS
+from synthpert.labels import CELLS, CLASS_KEYS, CLASS_NAMES, NAME_TO_CLASS
 from synthpert.llm import Request, RequestLog, SpendingGuard, make_backend
 from synthpert.prompts import APPROACHES, generator_messages, parse_answer, parse_reasoning
 from synthpert.sampling import sample_size
@@ -59,9 +59,12 @@ def section(settings: dict, name: str) -> dict:
     return value
 
 
+DEFAULT_MODEL = {"traces": "teacher", "critic": "critic"}  # the schema's defaults
+
+
 def model_spec(settings: dict, step: str) -> dict:
     """The `models:` entry that `<step>.model` names."""
-    name = section(settings, step).get("model", "teacher" if step == "traces" else step)
+    name = section(settings, step).get("model", DEFAULT_MODEL[step])
     models = section(settings, "models")
     if name not in models:
         raise CommandError(f"{step}.model is {name!r}, which is not among the models {sorted(models)}")
@@ -125,6 +128,8 @@ def draw_sample(split_df: pl.DataFrame, sample: dict, shards: int) -> pl.DataFra
     if train.height == 0:
         raise CommandError("the split has no training rows (role == 'train')")
     size = sample_size(train.height, sample)
+    if size == 0:
+        raise CommandError(f"traces.sample {sample} selects no tuple out of {train.height} training rows")
     if sample.get("count") is not None and sample["count"] > train.height:
         log.warning("traces.sample.count = %d but only %d training rows: taking all", sample["count"], train.height)
     picked = train.sample(size, seed=sample.get("seed", 88)) if size < train.height else train
@@ -140,10 +145,15 @@ def draw_sample(split_df: pl.DataFrame, sample: dict, shards: int) -> pl.DataFra
 
 
 def shard_rows(sample: pl.DataFrame, cell: str, shard: int, shards: int) -> pl.DataFrame:
-    """The tuples of one (cell line, shard); an empty frame for an empty shard."""
+    """The tuples of one (cell line, shard). A known cell line without sampled tuples has
+    empty shards (a small pooled sample may miss one), so a fixed grid of jobs completes."""
     cells = sorted(sample["cell"].unique().to_list())
     if cell not in cells:
-        raise CommandError(f"cell line {cell!r} is not in the trace sample; its cell lines are {cells}")
+        if cell not in CELLS:
+            raise CommandError(
+                f"unknown cell line {cell!r}: the trace sample has {cells} (cell lines are {list(CELLS)})"
+            )
+        log.warning("cell line %s has no tuple in the trace sample (it has %s): empty shard", cell, cells)
     if not 0 <= shard < shards:
         raise CommandError(f"shard {shard} is outside 0..{shards - 1} (traces.shards = {shards})")
     if sample["shard"].max() >= shards:
@@ -180,24 +190,39 @@ def _option_probs(logprobs: dict[str, float]) -> dict[int, float]:
     return {cls: w / total for cls, w in weights.items()}
 
 
+def scored_reasoning(text: str) -> str | None:
+    """Reasoning of an option-scored answer: what the scores were conditioned on, i.e.
+    the text before `<answer>`, with a `<think>` the model left open closed (a model
+    that ended its turn inside `<think>` has finished its reasoning)."""
+    head = text.split("<answer>")[0]
+    if "<think>" in head and "</think>" not in head:
+        head += "</think>"
+    return parse_reasoning(head)
+
+
 def trace_record(row: dict, response) -> dict:
     """One output row from a tuple and its teacher response."""
     probs: dict[int, float] = {}
+    reasoning = None
     if response.finish_reason == "error":
         answer, status = None, "error"
     elif response.option_logprobs:
         probs = _option_probs(response.option_logprobs)
         answer = max(probs, key=probs.get)
-        status = "truncated" if response.finish_reason == "length" else "answered"
+        if response.finish_reason == "length":  # cut off: the reasoning is incomplete
+            status, reasoning = "truncated", parse_reasoning(response.text)
+        else:
+            status, reasoning = "answered", scored_reasoning(response.text)
     else:
         answer, status = parse_answer(response.text, response.finish_reason)
+        reasoning = parse_reasoning(response.text)
     return {
         "tid": row["tid"],
         "cell": row["cell"],
         "pert": row["pert"],
         "gene": row["gene"],
         "label": row["label"],
-        "reasoning": None if status == "error" else parse_reasoning(response.text),
+        "reasoning": reasoning,
         "answer": answer,
         "status": status,
         "finish_reason": response.finish_reason,
@@ -210,20 +235,29 @@ def trace_record(row: dict, response) -> dict:
 
 
 def run_shard(sample: pl.DataFrame, cell: str, shard: int, settings: dict, out: Path, backend) -> pl.DataFrame:
-    """Ask the teacher about one shard; write the traces and the usage beside them."""
+    """Ask the teacher (`backend`, unused for an empty shard) about one shard; write the
+    traces and the usage beside them."""
     traces = section(settings, "traces")
     rows = shard_rows(sample, cell, shard, traces.get("shards", 1))
     local = model_spec(settings, "traces")["backend"] == "local"
     requests = generator_requests(rows, traces, local)
     guard = SpendingGuard(traces.get("max_requests"), traces.get("max_tokens"))
     log_file = request_log_path(out)
-    responses = run_requests(backend, requests, log_file, guard, f"traces {cell} shard {shard}")
-    records = [
-        trace_record(row, responses[req.key(backend.model)])
-        for row, req in zip(rows.iter_rows(named=True), requests, strict=True)
-    ]
+    records = []
+    if requests:  # an empty shard needs no model
+        responses = run_requests(backend, requests, log_file, guard, f"traces {cell} shard {shard}")
+        records = [
+            trace_record(row, responses[req.key(backend.model)])
+            for row, req in zip(rows.iter_rows(named=True), requests, strict=True)
+        ]
     df = pl.DataFrame(records, schema=TRACE_SCHEMA)
-    usage = {"model": backend.model, "cell": cell, "shard": shard, "tuples": rows.height, **RequestLog(log_file).usage()}
+    usage = {
+        "model": model_spec(settings, "traces")["model"],
+        "cell": cell,
+        "shard": shard,
+        "tuples": rows.height,
+        **RequestLog(log_file).usage(),
+    }
     with atomic_path(usage_path(out)) as tmp:
         tmp.write_text(json.dumps(usage, indent=2) + "\n")
     write_parquet(df, out)
@@ -264,8 +298,8 @@ def main(args) -> None:
     if not args.out.name.endswith(".parquet"):
         raise CommandError(f"--out must end in .parquet, got {args.out}")
     sample = _read(args.sample)
-    shard_rows(sample, args.cell, args.shard, traces.get("shards", 1))  # fail fast, before loading a model
-    backend = make_backend(model_spec(args.settings, "traces"))
+    rows = shard_rows(sample, args.cell, args.shard, traces.get("shards", 1))  # fail fast, before loading a model
+    backend = make_backend(model_spec(args.settings, "traces")) if rows.height else None
     df = run_shard(sample, args.cell, args.shard, args.settings, args.out, backend)
     counts = df.group_by("status").agg(pl.len(), pl.col("correct").sum()).sort("status")
     log.info("%d traces written to %s\n%s", df.height, args.out, counts)
