@@ -63,4 +63,16 @@ def all_targets():
     targets = ["results/table5.csv", "results/table1.csv", "results/table2.csv", "results/table3.csv"]
     if HOLDOUT_TABLE_SPLIT in SPLITS:
         targets.append("results/table4.csv")
+    for split in SPLITS:
+        targets += [
+            f"results/plots/{split}/roc_de3.png",
+            f"results/plots/{split}/roc_dir.png",
+            f"results/plots/{split}/confusion.png",
+            f"results/plots/{split}/critic_grades.png",
+        ]
+        targets += expand(
+            "results/models/{split}/{variant}/loss.png",
+            split=split,
+            variant=config["train"]["variants"],
+        )
     return targets

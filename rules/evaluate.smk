@@ -72,11 +72,18 @@ rule baseline:
 TABLE_SPLIT = {"1": "default", "2": "default", "3": "default", "4": HOLDOUT_TABLE_SPLIT}
 
 
-rule table:
+def table_inputs(wildcards):
+    split = TABLE_SPLIT[wildcards.n]
+    return {
+        "predictions": all_predictions(split),
+        "split_file": f"results/data/splits/{split}.parquet",
+        "questions": f"results/eval/{split}/questions.parquet",
+    }
+
+
+rule auroc_table:
     input:
-        predictions=lambda wildcards: all_predictions(TABLE_SPLIT[wildcards.n]),
-        split_file=lambda wildcards: f"results/data/splits/{TABLE_SPLIT[wildcards.n]}.parquet",
-        questions=lambda wildcards: f"results/eval/{TABLE_SPLIT[wildcards.n]}/questions.parquet",
+        unpack(table_inputs),
     output:
         report("results/table{n}.csv", category="Tables", caption="../report/tables.rst"),
     params:
@@ -85,10 +92,73 @@ rule table:
     log:
         "logs/tables/table{n}.log",
     wildcard_constraints:
-        n="[1-4]",
+        n="[12]",
     conda:
         "../envs/evaluate.yaml"
     shell:
         "synthpert tables --table {wildcards.n} --split {params.split} "
         "--predictions {input.predictions} --splits-file {input.split_file} "
         "--questions {input.questions} --settings {params.settings:q} --out {output} 2> {log}"
+
+
+rule class_table:
+    input:
+        unpack(table_inputs),
+    output:
+        table=report("results/table{n}.csv", category="Tables", caption="../report/tables.rst"),
+        ci="results/table{n}_ci.csv",
+        unseen=report(
+            "results/table{n}_unseen.csv", category="Tables", caption="../report/unseen.rst"
+        ),
+    params:
+        settings=settings("evaluate"),
+        split=lambda wildcards: TABLE_SPLIT[wildcards.n],
+    log:
+        "logs/tables/table{n}.log",
+    wildcard_constraints:
+        n="[34]",
+    conda:
+        "../envs/evaluate.yaml"
+    shell:
+        "synthpert tables --table {wildcards.n} --split {params.split} "
+        "--predictions {input.predictions} --splits-file {input.split_file} "
+        "--questions {input.questions} --settings {params.settings:q} "
+        "--out {output.table} 2> {log}"
+
+
+rule plot_roc:
+    input:
+        lambda wildcards: all_predictions(wildcards.split),
+    output:
+        report(
+            "results/plots/{split}/roc_{task}.png",
+            category="ROC curves",
+            labels={"split": "{split}", "task": "{task}"},
+            caption="../report/roc.rst",
+        ),
+    log:
+        "logs/plots/{split}/roc_{task}.log",
+    wildcard_constraints:
+        task="de3|dir",
+    conda:
+        "../envs/evaluate.yaml"
+    shell:
+        "synthpert plots roc --task {wildcards.task} --predictions {input} --out {output} 2> {log}"
+
+
+rule plot_confusion:
+    input:
+        lambda wildcards: all_predictions(wildcards.split),
+    output:
+        report(
+            "results/plots/{split}/confusion.png",
+            category="Confusion matrices",
+            labels={"split": "{split}"},
+            caption="../report/confusion.rst",
+        ),
+    log:
+        "logs/plots/{split}/confusion.log",
+    conda:
+        "../envs/evaluate.yaml"
+    shell:
+        "synthpert plots confusion --predictions {input} --out {output} 2> {log}"

@@ -67,3 +67,21 @@ rule critic_select:
     shell:
         "synthpert critic select --grades {input} --split {wildcards.split} "
         "--settings {params.settings:q} --out-dir {params.out_dir} {params.balanced} 2> {log}"
+
+
+rule plot_grades:
+    input:
+        "results/sft/{split}/grades.csv",
+    output:
+        report(
+            "results/plots/{split}/critic_grades.png",
+            category="Critic",
+            labels={"split": "{split}"},
+            caption="../report/grades.rst",
+        ),
+    log:
+        "logs/plots/{split}/critic_grades.log",
+    conda:
+        "../envs/evaluate.yaml"
+    shell:
+        "synthpert plots grades --grades {input} --out {output} 2> {log}"

@@ -69,6 +69,7 @@ def auroc_per_gene(genes, truth, score) -> Auroc:
         )
         .with_columns(neg=pl.col("n") - pl.col("pos"))
         .filter((pl.col("pos") > 0) & (pl.col("neg") > 0))
+        .sort("gene")  # a fixed summation order: the same inputs give the same bits
         .with_columns(
             auc=(pl.col("rank_pos") - pl.col("pos") * (pl.col("pos") + 1) / 2)
             / (pl.col("pos") * pl.col("neg"))
@@ -142,19 +143,17 @@ def scores_from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def three_class_metrics(truth, pred) -> dict[str, float | int]:
-    """Point estimates of the three-class metrics, with `n` and `n_unparsed`."""
+    """Point estimates of the three-class metrics, with `n` and `n_unparsed` (NaN if n = 0)."""
     cm = confusion(truth, pred)
-    scores = {name: float(value) for name, value in scores_from_confusion(cm).items()}
+    scores = {name: _point(value, cm) for name, value in scores_from_confusion(cm).items()}
     return {"n": int(cm.sum()), "n_unparsed": int(cm[:, UNPARSED_COLUMN].sum()), **scores}
 
 
-def bootstrap_three_class(
-    truth, pred, n_boot: int, seed: int, level: float = 0.95
-) -> pl.DataFrame:
+def bootstrap_three_class(truth, pred, n_boot: int, seed: int, level: float = 0.95) -> pl.DataFrame:
     """Percentile bootstrap intervals of the three-class metrics (tuples resampled).
 
     One row per metric: `metric, value, lo, hi, n, n_boot`. With `n_boot == 0` or no
-    tuples, `lo`/`hi` are null.
+    tuples, `lo`/`hi` are null (and with no tuples `value` is NaN).
     """
     cm = confusion(truth, pred)
     n = int(cm.sum())
@@ -170,7 +169,7 @@ def bootstrap_three_class(
     return pl.DataFrame(
         {
             "metric": list(METRIC_NAMES),
-            "value": [float(point[m]) for m in METRIC_NAMES],
+            "value": [_point(point[m], cm) for m in METRIC_NAMES],
             "lo": [lo[m] if lo else None for m in METRIC_NAMES],
             "hi": [hi[m] if hi else None for m in METRIC_NAMES],
             "n": [n] * len(METRIC_NAMES),
@@ -178,6 +177,11 @@ def bootstrap_three_class(
         },
         schema_overrides={"lo": pl.Float64, "hi": pl.Float64},
     )
+
+
+def _point(value, cm: np.ndarray) -> float:
+    """A metric of no tuples is undefined (NaN), not zero."""
+    return float(value) if cm.sum() else float("nan")
 
 
 def _binary(truth) -> np.ndarray:
@@ -193,7 +197,9 @@ def _check_scores(scores: pl.Series) -> None:
 
 
 def _safe_div(num, den):
-    num, den = np.broadcast_arrays(np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64))
+    num, den = np.broadcast_arrays(
+        np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    )
     out = np.zeros(num.shape, dtype=np.float64)
     np.divide(num, den, out=out, where=den != 0)
     return out

@@ -1,0 +1,162 @@
+"""Metrics on hand-worked examples (every expected value derived in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+from sklearn.metrics import matthews_corrcoef, roc_auc_score
+
+from synthpert.metrics import (
+    METRIC_NAMES,
+    auroc_per_gene,
+    auroc_pooled,
+    bootstrap_three_class,
+    confusion,
+    scores_from_confusion,
+    three_class_metrics,
+)
+
+
+def test_per_gene_auroc_ties_single_class_genes_and_average():
+    genes = ["A", "A", "A", "B", "B", "B", "B", "C", "C", "D", "D", "D"]
+    truth = [1, 0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 0]
+    score = [0.8, 0.8, 0.2, 0.1, 0.4, 0.35, 0.8, 0.5, 0.9, 0.1, 0.2, 0.3]
+    # A: positive 0.8 vs negatives 0.8 (tie: 1/2) and 0.2 (win: 1) -> 1.5 / 2 = 0.75
+    # B: positives 0.4, 0.35 vs negatives 0.1, 0.8 -> each beats 0.1 only -> 2 / 4 = 0.5
+    # C (all DE) and D (none DE) have one class: skipped.
+    result = auroc_per_gene(genes, truth, score)
+    assert result.value == pytest.approx((0.75 + 0.5) / 2)
+    assert result.n_genes == 2
+    assert result.n == 7  # tuples of A and B
+    assert roc_auc_score([1, 0, 0], [0.8, 0.8, 0.2]) == pytest.approx(0.75)
+
+
+def test_per_gene_auroc_matches_sklearn_per_gene_loop():
+    rng = np.random.default_rng(3)
+    genes = rng.integers(0, 40, 600).astype(str)
+    truth = rng.random(600) < 0.3
+    score = np.round(rng.random(600) + 0.4 * truth, 1)  # rounding makes many ties
+    expected = [
+        roc_auc_score(truth[genes == g], score[genes == g])
+        for g in np.unique(genes)
+        if 0 < truth[genes == g].sum() < (genes == g).sum()
+    ]
+    result = auroc_per_gene(genes, truth, score)
+    assert result.value == pytest.approx(np.mean(expected), abs=1e-12)
+    assert result.n_genes == len(expected)
+
+
+def test_pooled_auroc_rewards_gene_identity_that_per_gene_ignores():
+    # A score that only knows the gene (X: 0.9, Y: 0.1); X is mostly DE, Y mostly not.
+    genes = ["X", "X", "X", "Y", "Y", "Y"]
+    truth = [1, 1, 0, 1, 0, 0]
+    score = [0.9, 0.9, 0.9, 0.1, 0.1, 0.1]
+    # per gene: all scores tied within a gene -> 0.5 and 0.5 -> 0.5
+    assert auroc_per_gene(genes, truth, score).value == pytest.approx(0.5)
+    # pooled: positives (0.9, 0.9, 0.1) vs negatives (0.9, 0.1, 0.1):
+    # each 0.9 positive: 0.5 + 1 + 1 = 2.5 (twice), the 0.1 positive: 0 + 0.5 + 0.5 = 1
+    # -> 6 / 9
+    pooled = auroc_pooled(truth, score)
+    assert pooled.value == pytest.approx(6 / 9)
+    assert pooled.n == 6
+
+
+def test_auroc_undefined_and_bad_input():
+    result = auroc_per_gene(["A", "A", "B"], [1, 1, 0], [0.1, 0.2, 0.3])
+    assert math.isnan(result.value) and result.n_genes == 0 and result.n == 0
+    assert math.isnan(auroc_pooled([0, 0], [0.1, 0.2]).value)
+    with pytest.raises(ValueError, match="missing"):
+        auroc_pooled([0, 1], [0.1, None])
+    with pytest.raises(ValueError, match="0/1"):
+        auroc_per_gene(["A", "A"], [0, 2], [0.1, 0.2])
+
+
+def test_three_class_counts_an_unparsed_answer_as_wrong():
+    truth = [0, 0, 0, 1, 1, 2]
+    pred = [0, 0, None, 1, 2, 2]
+    # confusion (true x predicted, last column unparsed):
+    #   not_de: 2 0 0 1 / down: 0 1 1 0 / up: 0 0 1 0
+    cm = confusion(truth, pred)
+    assert cm.tolist() == [[2, 0, 0, 1], [0, 1, 1, 0], [0, 0, 1, 0]]
+    m = three_class_metrics(truth, pred)
+    assert m["n"] == 6 and m["n_unparsed"] == 1
+    assert m["precision_not_de"] == pytest.approx(1.0)  # 2 / 2 predicted not_de
+    assert m["recall_not_de"] == pytest.approx(2 / 3)  # the unparsed one is missed
+    assert m["f1_not_de"] == pytest.approx(0.8)  # 2*2 / (3 + 2)
+    assert m["precision_down"] == pytest.approx(1.0)
+    assert m["recall_down"] == pytest.approx(0.5)
+    assert m["f1_down"] == pytest.approx(2 / 3)  # 2*1 / (2 + 1)
+    assert m["precision_up"] == pytest.approx(0.5)
+    assert m["recall_up"] == pytest.approx(1.0)
+    assert m["f1_up"] == pytest.approx(2 / 3)
+    assert m["accuracy"] == pytest.approx(4 / 6)  # not 4/5: the unparsed answer stays
+    assert m["macro_f1"] == pytest.approx((0.8 + 2 / 3 + 2 / 3) / 3)
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    # MCC: t = (3, 2, 1, 0), p = (2, 1, 2, 1), c = 4, s = 6
+    # (4*6 - (6 + 2 + 2)) / sqrt((36 - 10) * (36 - 14)) = 14 / sqrt(572)
+    assert m["mcc"] == pytest.approx(14 / math.sqrt(572))
+    assert m["mcc"] == pytest.approx(matthews_corrcoef(truth, [0, 0, -1, 1, 2, 2]))
+
+
+def test_balanced_accuracy_and_mcc_expose_the_majority_class():
+    truth = [0] * 8 + [1, 2]
+    m = three_class_metrics(truth, [0] * 10)
+    assert m["accuracy"] == pytest.approx(0.8)
+    assert m["balanced_accuracy"] == pytest.approx(1 / 3)  # recalls 1, 0, 0
+    assert m["mcc"] == 0.0  # a constant prediction carries no information
+    assert m["macro_f1"] == pytest.approx((2 * 8 / 18) / 3)  # f1_not_de = 16/18
+    perfect = three_class_metrics([0, 1, 2, 2], [0, 1, 2, 2])
+    assert perfect["mcc"] == pytest.approx(1.0) and perfect["balanced_accuracy"] == 1.0
+
+
+def test_float_predictions_with_nan_and_bad_truth():
+    cm = confusion(np.array([0, 1, 2]), np.array([0.0, np.nan, 2.0]))
+    assert cm[:, 3].tolist() == [0, 1, 0]
+    with pytest.raises(ValueError, match="truth"):
+        confusion([0, 3], [0, 0])
+    empty = three_class_metrics([], [])
+    assert empty["n"] == 0 and math.isnan(empty["accuracy"])
+
+
+def test_vectorised_scores_match_one_at_a_time():
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 20, size=(5, 3, 4))
+    together = scores_from_confusion(batch)
+    for i in range(5):
+        alone = scores_from_confusion(batch[i])
+        for name in METRIC_NAMES:
+            assert together[name][i] == pytest.approx(float(alone[name]))
+
+
+def test_bootstrap_is_seeded_and_brackets_the_estimate():
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 3, 300)
+    pred = np.where(rng.random(300) < 0.7, truth, rng.integers(0, 3, 300))
+    a = bootstrap_three_class(truth, pred, n_boot=500, seed=7)
+    b = bootstrap_three_class(truth, pred, n_boot=500, seed=7)
+    assert a.equals(b)
+    assert a["metric"].to_list() == list(METRIC_NAMES)
+    assert (a["lo"] <= a["value"]).all() and (a["value"] <= a["hi"]).all()
+    assert (a["n"] == 300).all() and (a["n_boot"] == 500).all()
+    accuracy = a.filter(pl.col("metric") == "accuracy").row(0, named=True)
+    assert 0.05 < accuracy["hi"] - accuracy["lo"] < 0.15  # about 4 binomial SDs at n=300
+    none = bootstrap_three_class(truth, pred, n_boot=0, seed=7)
+    assert none["lo"].null_count() == len(METRIC_NAMES)
+
+
+def test_multinomial_bootstrap_matches_resampling_rows():
+    # Resampling tuples and drawing the confusion matrix multinomially are the same
+    # distribution: compare the spread of the bootstrap accuracy both ways.
+    rng = np.random.default_rng(2)
+    truth = rng.integers(0, 3, 200)
+    pred = np.where(rng.random(200) < 0.6, truth, rng.integers(0, 3, 200)).astype(float)
+    pred[:10] = np.nan
+    cm_draws = bootstrap_three_class(truth, pred, n_boot=4000, seed=11)
+    lo, hi = cm_draws.filter(pl.col("metric") == "accuracy").select("lo", "hi").row(0)
+    idx = rng.integers(0, 200, size=(4000, 200))
+    acc = (truth[idx] == np.nan_to_num(pred, nan=-1)[idx]).mean(axis=1)
+    assert lo == pytest.approx(np.percentile(acc, 2.5), abs=0.015)
+    assert hi == pytest.approx(np.percentile(acc, 97.5), abs=0.015)

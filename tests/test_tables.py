@@ -1,0 +1,330 @@
+"""Tables 1-4 (and the report plots) on a tiny hand-made evaluation.
+
+Questions (label 0 not DE, 1 down, 2 up):
+
+    q0 k562 T1 gA 0 | q1 k562 T2 gA 2 | q2 k562 T1 gB 1 | q3 k562 T2 gB 0
+    q4 rpe1 U1 gA 2 | q5 rpe1 U2 gA 0
+
+Row `good` answers everything right except q5 (unparsed); row `bad` says "not DE"
+to everything with constant scores. Training rows exist for T1 and U1 only, so the
+unseen-perturbation tables keep q1, q3 (k562) and q5 (rpe1).
+"""
+
+from __future__ import annotations
+
+import csv
+
+import polars as pl
+import pytest
+
+from synthpert.cli import main as cli_main
+from synthpert.metrics import METRIC_NAMES
+from synthpert.tables import default_reported_path
+
+QUESTIONS = [
+    (0, "k562", "T1", "gA", 0),
+    (1, "k562", "T2", "gA", 2),
+    (2, "k562", "T1", "gB", 1),
+    (3, "k562", "T2", "gB", 0),
+    (4, "rpe1", "U1", "gA", 2),
+    (5, "rpe1", "U2", "gA", 0),
+]
+# qid -> (de3 pred, score_de); dir rows: qid -> (pred, score_up)
+GOOD_DE3 = {0: (0, 0.1), 1: (2, 0.9), 2: (1, 0.8), 3: (0, 0.2), 4: (2, 0.7), 5: (None, 0.5)}
+GOOD_DIR = {1: (2, 0.8), 2: (1, 0.3), 4: (2, 0.6)}
+BAD_DE3 = {q: (0, 0.0) for q in range(6)}
+BAD_DIR = {q: (2, 0.5) for q in (1, 2, 4)}
+
+
+def questions() -> pl.DataFrame:
+    frame = pl.DataFrame(QUESTIONS, schema=["qid", "cell", "pert", "gene", "label"], orient="row")
+    return frame.with_columns(
+        de=(pl.col("label") != 0).cast(pl.Int64),
+        direction=pl.when(pl.col("label") == 0)
+        .then(None)
+        .otherwise((pl.col("label") == 2).cast(pl.Int64)),
+    )
+
+
+def predictions(de3: dict, direction: dict, source: str) -> pl.DataFrame:
+    q = {row[0]: row for row in QUESTIONS}
+    records = []
+    for task, answers in (("de3", de3), ("dir", direction)):
+        for qid, (pred, score) in answers.items():
+            _, cell, pert, gene, label = q[qid]
+            records.append(
+                {
+                    "qid": qid,
+                    "cell": cell,
+                    "pert": pert,
+                    "gene": gene,
+                    "label": label,
+                    "task": task,
+                    "raw_text": "",
+                    "pred": pred,
+                    "status": "answered" if pred is not None else "no_tag",
+                    "score_de": score if task == "de3" else None,
+                    "score_up": score if task == "dir" else None,
+                    "score_source": source,
+                }
+            )
+    return pl.DataFrame(
+        records, schema_overrides={"pred": pl.Int64, "score_de": pl.Float64, "score_up": pl.Float64}
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """Questions, splits, predictions of rows good/bad per cell line, a reported CSV."""
+    questions().write_parquet(tmp_path / "questions.parquet")
+    pl.DataFrame(
+        {
+            "cell": ["rpe1", "k562"],
+            "pert": ["T1", "U1"],
+            "gene": ["gZ", "gZ"],
+            "de": [0, 0],
+            "direction": [None, None],
+            "label": [0, 0],
+            "split": ["train"] * 2,
+            "role": ["train"] * 2,
+        },
+        schema_overrides={"direction": pl.Int64},
+    ).write_parquet(tmp_path / "splits.parquet")
+    for row, de3, direction, source in (
+        ("good", GOOD_DE3, GOOD_DIR, "label_mapping"),
+        ("bad", BAD_DE3, BAD_DIR, "probabilities"),
+    ):
+        frame = predictions(de3, direction, source)
+        for cell in ("k562", "rpe1"):
+            # baselines write {row}/{cell}.parquet; LLM rows {row}/{cell}/{shard}.parquet
+            if row == "good":
+                path = tmp_path / "predictions" / "default" / row / cell / "0.parquet"
+            else:
+                path = tmp_path / "predictions" / "default" / row / f"{cell}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            frame.filter(pl.col("cell") == cell).write_parquet(path)
+    with open(tmp_path / "reported.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["table", "split", "paper", "model", "cell", "metric", "value", "source"])
+        w.writerow([1, "default", "P", "SUMMER", "k562", "auroc_per_gene", 0.62, "paper table 1"])
+        w.writerow([1, "default", "P", "SUMMER", "rpe1", "auroc_per_gene", 0.59, "paper table 1"])
+        w.writerow([3, "default", "P", "X", "all", "accuracy", 0.5, "paper table 3"])
+        w.writerow([1, "other_split", "P", "Y", "k562", "auroc_per_gene", 0.7, "elsewhere"])
+    return tmp_path
+
+
+def run_tables(
+    workdir,
+    table,
+    split="default",
+    extra=(),
+    settings='{"evaluate": {"bootstrap": 200, "rows": ["good", "bad"]}}',
+):
+    files = sorted(str(p) for p in (workdir / "predictions" / "default").rglob("*.parquet"))
+    out = workdir / "out" / f"table{table}.csv"
+    code = cli_main(
+        [
+            "tables",
+            "--table",
+            str(table),
+            "--split",
+            split,
+            "--predictions",
+            *files,
+            "--questions",
+            str(workdir / "questions.parquet"),
+            "--splits-file",
+            str(workdir / "splits.parquet"),
+            "--reported",
+            str(workdir / "reported.csv"),
+            "--settings",
+            settings,
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+    return code, out
+
+
+def test_table1_per_gene_and_pooled_auroc_with_reported_rows(workdir):
+    code, out = run_tables(workdir, 1)
+    assert code == 0
+    t = pl.read_csv(out)
+    assert t.columns == [
+        "split",
+        "kind",
+        "row",
+        "score_source",
+        "K562_auroc_per_gene",
+        "K562_n_genes",
+        "K562_auroc_pooled",
+        "K562_n",
+        "RPE1_auroc_per_gene",
+        "RPE1_n_genes",
+        "RPE1_auroc_pooled",
+        "RPE1_n",
+        "source",
+    ]
+    assert t["row"].to_list() == ["good", "bad", "SUMMER"]  # settings order, reported last
+    good = t.row(0, named=True)
+    # k562 gA: (0: .1, 2: .9) -> 1; gB: (1: .8, 0: .2) -> 1; pooled over 4 tuples -> 1
+    assert good["K562_auroc_per_gene"] == 1.0 and good["K562_n_genes"] == 2
+    assert good["K562_auroc_pooled"] == 1.0 and good["K562_n"] == 4
+    # rpe1 gA: DE .7 vs unparsed .5 -> 1
+    assert good["RPE1_auroc_per_gene"] == 1.0 and good["RPE1_n"] == 2
+    assert good["score_source"] == "label_mapping" and good["kind"] == "computed"
+    bad = t.row(1, named=True)
+    assert bad["K562_auroc_per_gene"] == 0.5 and bad["K562_auroc_pooled"] == 0.5
+    reported = t.row(2, named=True)
+    assert reported["kind"] == "reported" and reported["source"] == "paper table 1"
+    assert reported["K562_auroc_per_gene"] == 0.62 and reported["RPE1_auroc_per_gene"] == 0.59
+    assert reported["K562_n"] is None and reported["K562_auroc_pooled"] is None
+    assert "Y" not in t["row"].to_list()  # reported for another split
+
+
+def test_table2_direction_auroc(workdir):
+    code, out = run_tables(workdir, 2)
+    assert code == 0
+    good = pl.read_csv(out).row(0, named=True)
+    # k562 dir tuples: q1 up (.8, gene gA), q2 down (.3, gene gB): one class per gene ->
+    # no per-gene AUROC; pooled 1.0 over 2. rpe1: q4 alone -> undefined.
+    assert good["K562_auroc_per_gene"] is None and good["K562_n_genes"] == 0
+    assert good["K562_auroc_pooled"] == 1.0 and good["K562_n"] == 2
+    assert good["RPE1_auroc_pooled"] is None and good["RPE1_n"] == 1
+
+
+def test_table3_metrics_ci_and_unseen(workdir):
+    code, out = run_tables(workdir, 3)
+    assert code == 0
+    t = pl.read_csv(out)
+    computed = t.filter(pl.col("kind") == "computed")
+    assert computed.select("row", "cell").rows() == [
+        ("good", "all"),
+        ("good", "k562"),
+        ("good", "rpe1"),
+        ("bad", "all"),
+        ("bad", "k562"),
+        ("bad", "rpe1"),
+    ]
+    assert t.columns[:6] == ["split", "kind", "row", "cell", "n", "n_unparsed"]
+    assert set(METRIC_NAMES) <= set(t.columns) and t.columns[-1] == "source"
+    good_all = computed.row(0, named=True)
+    # truth 0 2 1 0 2 0, answers 0 2 1 0 2 (unparsed): 5 of 6 right
+    assert good_all["n"] == 6 and good_all["n_unparsed"] == 1
+    assert good_all["accuracy"] == pytest.approx(5 / 6)
+    assert good_all["recall_not_de"] == pytest.approx(2 / 3)
+    assert good_all["precision_not_de"] == 1.0
+    assert computed.row(2, named=True)["accuracy"] == 0.5  # rpe1: q4 right, q5 unparsed
+    bad_all = computed.row(3, named=True)
+    assert bad_all["accuracy"] == pytest.approx(3 / 6) and bad_all["mcc"] == 0.0
+    reported = t.filter(pl.col("kind") == "reported").row(0, named=True)
+    assert reported["row"] == "X" and reported["accuracy"] == 0.5 and reported["n"] is None
+    assert reported["source"] == "paper table 3"
+
+    ci = pl.read_csv(workdir / "out" / "table3_ci.csv")
+    assert ci.height == 2 * 3 * len(METRIC_NAMES)
+    acc = ci.filter(
+        (pl.col("row") == "good") & (pl.col("cell") == "all") & (pl.col("metric") == "accuracy")
+    )
+    assert acc["value"][0] == pytest.approx(5 / 6) and acc["n"][0] == 6 and acc["n_boot"][0] == 200
+    assert acc["lo"][0] <= 5 / 6 <= acc["hi"][0]
+
+    unseen = pl.read_csv(workdir / "out" / "table3_unseen.csv")
+    rows = {(r["row"], r["cell"]): r for r in unseen.iter_rows(named=True)}
+    # T1 and U1 have training rows: kept q1 (2 -> 2), q3 (0 -> 0), q5 (0 -> unparsed)
+    assert rows[("good", "all")]["n"] == 3 and rows[("good", "all")]["n_all"] == 6
+    assert rows[("good", "all")]["accuracy"] == pytest.approx(2 / 3)
+    assert rows[("good", "k562")]["n"] == 2 and rows[("good", "k562")]["accuracy"] == 1.0
+    assert rows[("good", "rpe1")]["n"] == 1 and rows[("good", "rpe1")]["accuracy"] == 0.0
+
+
+def test_table4_only_the_held_out_cell_line(workdir):
+    code, out = run_tables(workdir, 4, split="rpe1_holdout")
+    assert code == 0
+    t = pl.read_csv(out)
+    assert t.select("row", "cell").rows() == [("good", "rpe1"), ("bad", "rpe1")]
+    assert t["accuracy"].to_list() == [0.5, 0.5]
+    assert pl.read_csv(workdir / "out" / "table4_ci.csv")["cell"].unique().to_list() == ["rpe1"]
+    code, _ = run_tables(workdir, 4, split="default")
+    assert code == 1
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda f: f.filter(~((pl.col("qid") == 5) & (pl.col("task") == "de3"))),
+            "1 of 6 questions have no de3",
+        ),
+        (
+            lambda f: f.with_columns(
+                label=pl.when(pl.col("qid") == 4).then(0).otherwise(pl.col("label"))
+            ),
+            "disagree with the questions",
+        ),
+        (lambda f: f.with_columns(score_de=pl.lit(None, dtype=pl.Float64)), "have no score_de"),
+    ],
+)
+def test_bad_predictions_fail_clearly_and_write_nothing(workdir, capsys, damage, message):
+    path = workdir / "predictions" / "default" / "good" / "rpe1" / "0.parquet"
+    damage(pl.read_parquet(path)).write_parquet(path)
+    code, out = run_tables(workdir, 1)
+    assert code == 1
+    assert message in capsys.readouterr().err
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_packaged_reported_numbers_are_sourced():
+    reported = pl.read_csv(default_reported_path())
+    assert reported.columns == [
+        "table",
+        "split",
+        "paper",
+        "model",
+        "cell",
+        "metric",
+        "value",
+        "source",
+    ]
+    assert reported["source"].null_count() == 0 and (reported["source"].str.len_chars() > 20).all()
+    assert reported["value"].is_between(0, 1).all()
+    assert set(reported["metric"]) <= {"auroc_per_gene", *METRIC_NAMES}
+    for table in (1, 2):
+        part = reported.filter(pl.col("table") == table)
+        assert part.height == 9 * 4 and not part.select("model", "cell").is_duplicated().any()
+    summer = reported.filter((pl.col("table") == 1) & (pl.col("model") == "SUMMER"))
+    assert dict(zip(summer["cell"], summer["value"])) == {
+        "k562": 0.62,
+        "rpe1": 0.59,
+        "hepg2": 0.62,
+        "jurkat": 0.59,
+    }
+
+
+def test_plots_write_pngs(workdir):
+    files = [str(p) for p in (workdir / "predictions" / "default").rglob("*.parquet")]
+    out = workdir / "plots"
+    pl.DataFrame({"grade": ["excellent", "bad"], "cell": ["k562", "rpe1"], "n": [3, 1]}).write_csv(
+        workdir / "g.csv"
+    )
+    log = workdir / "models" / "default" / "synthpert" / "train_log.csv"
+    log.parent.mkdir(parents=True)
+    pl.DataFrame({"step": [1, 2], "loss": [2.0, 1.5]}).write_csv(log)
+    calls = [
+        ["roc", "--task", "de3", "--predictions", *files],
+        ["roc", "--task", "dir", "--predictions", *files],
+        ["confusion", "--predictions", *files],
+        ["grades", "--grades", str(workdir / "g.csv")],
+        ["loss", "--logs", str(log)],
+    ]
+    for i, call in enumerate(calls):
+        assert cli_main(["plots", *call, "--out", str(out / f"{i}.png")]) == 0
+        assert (out / f"{i}.png").read_bytes()[:4] == b"\x89PNG"
+    pl.DataFrame({"grade": ["superb"], "cell": ["k562"], "n": [1]}).write_csv(workdir / "bad.csv")
+    assert (
+        cli_main(
+            ["plots", "grades", "--grades", str(workdir / "bad.csv"), "--out", str(out / "x.png")]
+        )
+        == 1
+    )
