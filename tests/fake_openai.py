@@ -46,6 +46,12 @@ def default_answer(question: str) -> str:
     return f"<think>echo</think><answer>{question}</answer>"
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 256  # the default backlog (5) refuses bursts of concurrent connects
+
+
 class FakeOpenAI:
     """Start with `with FakeOpenAI(delay=...) as server:`; point clients at `server.base_url`."""
 
@@ -58,10 +64,8 @@ class FakeOpenAI:
         self._files: dict[str, bytes] = {}
         self._batches: dict[str, dict] = {}
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._httpd.daemon_threads = True
-        self._httpd.block_on_close = False
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._httpd = _Server(("127.0.0.1", 0), self._handler_class())
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
 
     @property
     def base_url(self) -> str:
@@ -192,6 +196,7 @@ class FakeOpenAI:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, like the real API
+            disable_nagle_algorithm = True  # headers and body go out in two writes
 
             def log_message(self, *args) -> None:
                 pass
@@ -235,3 +240,15 @@ class FakeOpenAI:
                     self._send(404, {"error": {"message": f"no route {self.path}"}})
 
         return Handler
+
+
+if __name__ == "__main__":
+    # A server in its own process (the benchmark): prints its base URL, serves until stdin closes.
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="fake OpenAI-compatible server")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds every answer waits")
+    with FakeOpenAI(delay=parser.parse_args().delay) as fake:
+        print(fake.base_url, flush=True)
+        sys.stdin.read()

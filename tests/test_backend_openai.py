@@ -265,3 +265,12 @@ def test_batch_mode_resumes_the_submitted_batch(tmp_path):
         assert results[key].text == default_answer(request.messages[-1][1])
         assert results[key].tag == request.tag
     assert all(r["auth"] == "batch" for r in server.received)  # no live requests were made
+
+
+def test_local_only_features_are_refused_before_sending(server, tmp_path):
+    backend = fast_backend(spec_for(server))
+    with pytest.raises(CommandError, match="prefill"):
+        backend.run([Request(messages=(("user", "q"),), prefill="<think>")], RequestLog(tmp_path / "log.jsonl"))
+    with pytest.raises(CommandError, match="max_new_tokens"):
+        backend.run([Request(messages=(("user", "q"),), max_new_tokens=0)], RequestLog(tmp_path / "log.jsonl"))
+    assert server.received == []

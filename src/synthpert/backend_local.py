@@ -181,6 +181,7 @@ class LocalBackend:
                 results.append((row[:stop], "stop", stop + 1))
         return results
 
+    @torch.inference_mode()
     def _score_options(self, prompt: str, text: str, request: Request) -> dict[str, float]:
         """log P(option + closing tag | context), summed over tokens, one forward pass."""
         tag = request.option_tag

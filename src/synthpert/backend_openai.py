@@ -99,6 +99,11 @@ class OpenAIBackend:
         self.max_retries = int(spec.get("max_retries", 6))
         self.timeout_s = float(spec.get("timeout_s", 600))
         self.batch_api = bool(spec.get("batch_api", False))
+        # The HTTP client logs every request at INFO; keep that out of the step logs
+        # unless someone configured that logger on purpose.
+        http_log = logging.getLogger("httpx2")
+        if http_log.level == logging.NOTSET:
+            http_log.setLevel(logging.WARNING)
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r})"
@@ -139,9 +144,11 @@ class OpenAIBackend:
         if isinstance(err, openai.APITimeoutError):
             text = f"timed out after {self.timeout_s:g} s"
         elif isinstance(err, openai.APIConnectionError):
-            text = f"connection error: {err.__cause__ or err.message}"
+            cause = err.__cause__
+            text = f"connection error: {type(cause).__name__}: {cause}" if cause else f"connection error: {err.message}"
         elif isinstance(err, openai.APIStatusError):
-            text = f"http {err.status_code}: {err.message}"
+            body = err.body if isinstance(err.body, dict) else {}
+            text = f"http {err.status_code}: {body.get('message') or err.message}"
         else:
             text = f"{type(err).__name__}: {err}"
         return self._scrub(text)
@@ -207,7 +214,8 @@ class OpenAIBackend:
                 if guard is not None and not guard.allow():
                     return
                 response = await self._complete(client, key, request)
-                log.append(response, self.model)
+                # fsync off the event loop, so the other requests keep flowing meanwhile
+                await asyncio.to_thread(log.append, response, self.model)
                 if guard is not None:
                     guard.charge(response)
                 results[key] = response

@@ -115,6 +115,7 @@ class RequestLog:
         self._done: dict[str, Response] = {}
         self._usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0}
         self._lock = threading.Lock()
+        self._file = None  # opened at the first append, kept open (one open per line is slow)
         if self.path.exists():
             self._load()
 
@@ -162,12 +163,25 @@ class RequestLog:
         record = {**dataclasses.asdict(response), "model": model, "time": time.time()}
         line = json.dumps(record, ensure_ascii=False) + "\n"
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(line)
-                fh.flush()
-                os.fsync(fh.fileno())
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a", encoding="utf-8")
+            self._file.write(line)
+            self._file.flush()
+            os.fsync(self._file.fileno())
             self._remember(response)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    def __enter__(self) -> RequestLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def usage(self) -> dict:
         """Requests, tokens and errors over every line of the log (all runs)."""
