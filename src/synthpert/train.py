@@ -111,17 +111,21 @@ class ChatTemplate:
 # --------------------------------------------------------------------------- inputs
 
 
-def student_model(settings: dict[str, Any], cfg: TrainSettings) -> str:
-    """HF id or local folder of the student named by `train.model` in `settings["models"]`."""
-    from synthpert.embedded import embedded_dir, ensure_embedded_model, is_embedded
-
+def student_spec(settings: dict[str, Any], cfg: TrainSettings) -> dict[str, Any]:
+    """The entry of `settings["models"]` named by `train.model`; it must be a local model."""
     models = settings.get("models") or {}
     if cfg.model not in models:
         raise CommandError(f"train.model {cfg.model!r} is not among the models {sorted(models)}")
     spec = models[cfg.model]
     if spec.get("backend") != "local":
         raise CommandError(f"the student {cfg.model!r} must use backend 'local', not {spec.get('backend')!r}")
-    name = spec["model"]
+    return spec
+
+
+def model_path(name: str) -> str:
+    """HF id or folder of a model; `embedded:` models are converted once if missing."""
+    from synthpert.embedded import embedded_dir, ensure_embedded_model, is_embedded
+
     return str(ensure_embedded_model(embedded_dir(name))) if is_embedded(name) else name
 
 
@@ -140,7 +144,8 @@ def read_conversations(path: str | os.PathLike) -> list[list[dict[str, str]]]:
         roles = [m.get("role") for m in messages or []]
         if not roles or roles[-1] != "assistant" or roles.count("assistant") != 1 or "user" not in roles:
             raise CommandError(
-                f"{path} row {i}: messages must be [system,] user, assistant with one final assistant turn; got roles {roles}"
+                f"{path} row {i}: messages must be [system,] user, assistant with one final assistant turn; "
+                f"got roles {roles}"
             )
         if any(not isinstance(m.get("content"), str) for m in messages):
             raise CommandError(f"{path} row {i}: every message needs a text 'content'")
@@ -258,7 +263,9 @@ def lora_config(cfg: TrainSettings):
     )
 
 
-def build_trainer(model, tokenizer, conversations, cfg: TrainSettings, template: ChatTemplate, checkpoint_dir, callbacks=()):
+def build_trainer(
+    model, tokenizer, conversations, cfg: TrainSettings, template: ChatTemplate, checkpoint_dir, callbacks=()
+) -> SFTTrainer:
     """The SFTTrainer of a training run; TRL tokenises and masks the rows here.
 
     `max_length` is not passed to TRL: rows were measured and filtered before, so TRL
@@ -289,6 +296,7 @@ def build_trainer(model, tokenizer, conversations, cfg: TrainSettings, template:
         data_seed=cfg.seed,
         report_to="none",
         dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
     )
     return SFTTrainer(
         model=model,
@@ -305,28 +313,29 @@ def loss_text(tokenizer, example: dict) -> str:
     return tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != -100])
 
 
-def check_loss_covers_assistant(tokenizer, example: dict, assistant: str, max_length: int) -> None:
+def check_loss_covers_assistant(tokenizer, example: dict, assistant: str) -> None:
     """Refuse to train when TRL's prepared row loses or cuts the assistant turn."""
-    if len(example["input_ids"]) > max_length:
-        raise CommandError(f"a prepared row has {len(example['input_ids'])} tokens, more than max_length {max_length}")
-    squash = lambda text: " ".join(text.split())  # noqa: E731  (decoding may normalise spaces)
-    if squash(assistant) not in squash(loss_text(tokenizer, example)):
+    if _squash(assistant) not in _squash(loss_text(tokenizer, example)):
         raise CommandError(
             "the training loss does not cover the whole assistant turn (reasoning included); set "
             "train.chat_template to a template that keeps it"
         )
 
 
+def _squash(text: str) -> str:
+    return " ".join(text.split())  # decoding may normalise white space
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
-def fingerprint(data: Path, settings: dict[str, Any], model: str, template: ChatTemplate) -> str:
-    """Identity of a run: a checkpoint resumes only the run that wrote it."""
+def fingerprint(data: Path, identity: dict[str, Any]) -> str:
+    """Identity of a run (data bytes + what shapes the training): a checkpoint resumes only its own run."""
     h = hashlib.sha256()
     with open(data, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    h.update(json.dumps([settings.get("train"), model, template.text], sort_keys=True, default=str).encode())
+    h.update(json.dumps(identity, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
@@ -360,19 +369,14 @@ def resume_point(checkpoint_dir: Path, run_id: str) -> Path | None:
 # --------------------------------------------------------------------------- outputs
 
 
-class _SessionTokens:
-    """TrainerCallback counting the tokens trained in this process (TRL logs `num_tokens`)."""
+class TokenCounter(TrainerCallback):
+    """Tokens trained in this process: TRL logs them (`num_tokens`) cumulatively per process."""
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    def __init__(self):
+        self.tokens = 0
 
-        class Counter(TrainerCallback):
-            tokens = 0
-
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                self.tokens = max(self.tokens, int((logs or {}).get("num_tokens", 0)))
-
-        return Counter()
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.tokens = max(self.tokens, int((logs or {}).get("num_tokens", 0)))
 
 
 def peak_memory() -> tuple[int, str]:
@@ -416,7 +420,7 @@ def _move_into_place(staging: Path, out_dir: Path, names: list[str]) -> None:
 # --------------------------------------------------------------------------- the step
 
 
-def train(data, settings: dict[str, Any], out_dir, checkpoint_dir=None, callbacks=()) -> dict[str, Any]:
+def train(data, settings: dict[str, Any], out_dir, checkpoint_dir=None) -> dict[str, Any]:
     """Fine-tune the student on one SFT table; returns the metrics written to train_metrics.json."""
     data, out_dir = Path(data), Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
@@ -424,11 +428,12 @@ def train(data, settings: dict[str, Any], out_dir, checkpoint_dir=None, callback
     for name in ("max_length", "batch_size", "save_steps", "logging_steps", "lora_r"):
         if getattr(cfg, name) < 1:
             raise CommandError(f"train.{name} must be at least 1, got {getattr(cfg, name)}")
-    model_path = student_model(settings, cfg)
-    dtype, dtype_name = precision(settings["models"][cfg.model].get("dtype", "auto"), cfg.load_in_4bit)
+    spec = student_spec(settings, cfg)
+    dtype, dtype_name = precision(spec.get("dtype", "auto"), cfg.load_in_4bit)  # fails before loading anything
     conversations = read_conversations(data)
+    student = model_path(spec["model"])
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(student)
     template = resolve_chat_template(tokenizer, cfg.chat_template)
     lengths = token_lengths(tokenizer, conversations, template)
     keep = [n <= cfg.max_length for n in lengths]
@@ -446,11 +451,16 @@ def train(data, settings: dict[str, Any], out_dir, checkpoint_dir=None, callback
         "%d conversations (%d tokens) with %s; loss: %s", len(kept), kept_tokens, template.source, template.loss
     )
 
-    resume = resume_point(checkpoint_dir, fingerprint(data, settings, model_path, template))
-    model = load_student(model_path, dtype, cfg.load_in_4bit)
+    identity = {**dataclasses.asdict(cfg), "variants": None, "model": student, "dtype": dtype_name}
+    identity["template"] = template.text
+    resume = resume_point(checkpoint_dir, fingerprint(data, identity))
+    model = load_student(student, dtype, cfg.load_in_4bit)
     counter = TokenCounter()
-    trainer = build_trainer(model, tokenizer, kept, cfg, template, checkpoint_dir, [counter, *callbacks])
-    check_loss_covers_assistant(tokenizer, trainer.train_dataset[0], kept[0][-1]["content"], cfg.max_length)
+    trainer = build_trainer(model, tokenizer, kept, cfg, template, checkpoint_dir, [counter])
+    check_loss_covers_assistant(tokenizer, trainer.train_dataset[0], kept[0][-1]["content"])
+    prepared = max(map(len, trainer.train_dataset["input_ids"]))
+    if prepared > cfg.max_length:  # guards the promise that nothing is truncated or overlong
+        raise CommandError(f"TRL prepared a row of {prepared} tokens, more than train.max_length {cfg.max_length}")
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -467,7 +477,7 @@ def train(data, settings: dict[str, Any], out_dir, checkpoint_dir=None, callback
         trainer.save_model(str(staging / "adapter"))  # adapter + tokenizer with the training template
         logged = write_log(trainer.state.log_history, staging / "train_log.csv", staging / "loss.png")
         metrics = {
-            "model": model_path,
+            "model": student,
             "precision": "4bit-" + dtype_name if cfg.load_in_4bit else dtype_name,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "chat_template": template.source,
@@ -505,7 +515,9 @@ def train(data, settings: dict[str, Any], out_dir, checkpoint_dir=None, callback
 def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="SFT table (parquet with a 'messages' column)")
     parser.add_argument("--settings", required=True, type=settings_type, help='JSON {"train": {...}, "models": {...}}')
-    parser.add_argument("--out-dir", required=True, help="folder for adapter/, train_log.csv, loss.png, train_metrics.json")
+    parser.add_argument(
+        "--out-dir", required=True, help="folder for adapter/, train_log.csv, loss.png and train_metrics.json"
+    )
     parser.add_argument(
         "--checkpoint-dir", default=None, help="where checkpoints live while training (default: OUT_DIR/checkpoints)"
     )

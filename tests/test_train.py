@@ -1,0 +1,280 @@
+"""`synthpert train`: the loss covers the reasoning, training runs, resumes and reports.
+
+The template tests build the trainer exactly as `train()` does (`resolve_chat_template`
++ `build_trainer`) and read the labels TRL prepared; a tiny random Llama stands in for
+the student there, since the labels do not depend on the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import trl
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from synthpert import cli
+from synthpert.cli import CommandError
+from synthpert.train import (
+    ASSISTANT_ONLY,
+    COMPLETION_ONLY,
+    TrainSettings,
+    build_trainer,
+    loss_text,
+    read_conversations,
+    resolve_chat_template,
+    resume_point,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
+GENES = ["TP53", "MYC", "GATA1", "STAT3", "KLF1", "BRCA1", "EGFR", "JUN"]
+ANSWERS = ["not differentially expressed", "downregulated", "upregulated"]
+SYSTEM = "You are a molecular biologist."
+
+
+def conversation(i: int, reasoning_words: int = 0) -> list[dict[str, str]]:
+    pert, gene, label = GENES[i % 8], GENES[(i + 3) % 8], i % 3
+    reasoning = f"{pert} regulates a pathway upstream of {gene}, so its expression shifts." + " More" * reasoning_words
+    return [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": f"In K562 cells, does knocking down {pert} change {gene}?"},
+        {"role": "assistant", "content": f"<think>{reasoning}</think><answer>{ANSWERS[label]}</answer>"},
+    ]
+
+
+def write_sft(path: Path, conversations: list[list[dict]]) -> Path:
+    rows = [
+        {"tid": f"t{i}", "cell": "k562", "pert": GENES[i % 8], "gene": GENES[(i + 3) % 8], "label": i % 3, "messages": c}
+        for i, c in enumerate(conversations)
+    ]
+    pl.DataFrame(rows).write_parquet(path)
+    return path
+
+
+def settings(model: str, **train_settings) -> dict:
+    base = {"max_steps": 6, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 0, "logging_steps": 1}
+    return {"train": {**base, **train_settings}, "models": {"student": {"backend": "local", "model": model}}}
+
+
+@pytest.fixture
+def tokenizer(embedded_model):
+    return AutoTokenizer.from_pretrained(embedded_model)
+
+
+def tiny_model(tokenizer):
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+    )  # fmt: skip
+    return AutoModelForCausalLM.from_config(config)
+
+
+def prepared_row(tokenizer, template, tmp_path) -> dict:
+    """The first row as TRL prepared it for training, and the collated batch of it."""
+    cfg = TrainSettings(batch_size=1, max_steps=1)
+    trainer = build_trainer(tiny_model(tokenizer), tokenizer, [conversation(0)], cfg, template, tmp_path / "ckpt")
+    example = trainer.train_dataset[0]
+    batch = trainer.data_collator([example])
+    assert batch["labels"][0].tolist() == example["labels"]  # the collator keeps TRL's mask
+    return example
+
+
+def assert_loss_on_assistant_only(tokenizer, example):
+    assistant = conversation(0)[-1]["content"]
+    in_loss = loss_text(tokenizer, example)
+    prompt = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label == -100])
+    assert assistant in in_loss  # the reasoning, verbatim, carries loss
+    assert "<think>GATA1" not in prompt and "regulates a pathway" not in prompt
+    assert SYSTEM in prompt and "does knocking down TP53 change STAT3" in prompt
+    assert "molecular biologist" not in in_loss and "knocking down" not in in_loss
+
+
+# ----------------------------------------------------------------- 1. the template trap
+
+
+def test_embedded_template_trains_on_reasoning(tokenizer, tmp_path):
+    template = resolve_chat_template(tokenizer)
+    assert template.loss == COMPLETION_ONLY  # SmolLM2 has no generation markers: prompt/completion rows
+    assert template.text == tokenizer.chat_template
+    example = prepared_row(tokenizer, template, tmp_path)
+    assert_loss_on_assistant_only(tokenizer, example)
+    assert loss_text(tokenizer, example).endswith("<|im_end|>\n")  # the model learns to stop
+
+
+def test_deepseek_template_is_switched_to_trl_training_variant(tokenizer, tmp_path):
+    naive = (TRL_TEMPLATES / "deepseek_r1_distill.jinja").read_text()
+    rendered = tokenizer.apply_chat_template(conversation(0), chat_template=naive, tokenize=False)
+    assert "regulates a pathway" not in rendered  # the trap: the naive template drops the reasoning
+    tokenizer.chat_template = naive
+    template = resolve_chat_template(tokenizer)
+    assert template.text == (TRL_TEMPLATES / "deepseek_r1_distill_training.jinja").read_text()
+    assert template.loss == ASSISTANT_ONLY
+    assert_loss_on_assistant_only(tokenizer, prepared_row(tokenizer, template, tmp_path))
+
+
+def test_deepseek_training_template_from_file(tokenizer, tmp_path):
+    template = resolve_chat_template(tokenizer, TRL_TEMPLATES / "deepseek_r1_distill_training.jinja")
+    assert template.loss == ASSISTANT_ONLY
+    assert_loss_on_assistant_only(tokenizer, prepared_row(tokenizer, template, tmp_path))
+
+
+def test_templates_that_drop_reasoning_are_refused(tokenizer, tmp_path):
+    with pytest.raises(CommandError, match="does not keep the assistant turn"):
+        resolve_chat_template(tokenizer, TRL_TEMPLATES / "deepseek_r1_distill.jinja")
+    # a variant TRL does not recognise cannot be switched: the probe refuses it
+    tokenizer.chat_template = (TRL_TEMPLATES / "deepseek_r1_distill.jinja").read_text() + "\n"
+    with pytest.raises(CommandError, match="train.chat_template"):
+        resolve_chat_template(tokenizer)
+    with pytest.raises(CommandError, match="does not exist"):
+        resolve_chat_template(tokenizer, tmp_path / "missing.jinja")
+
+
+# ----------------------------------------------------------------- 2. training
+
+
+@pytest.mark.slow
+def test_train_writes_adapter_log_and_metrics(embedded_model, tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    monkeypatch.chdir(REPO)  # "embedded:" models live in resources/models of the working directory
+    data = write_sft(tmp_path / "sft.parquet", [conversation(i) for i in range(8)])
+    out = tmp_path / "out"
+    args = ["train", "--data", str(data), "--out-dir", str(out)]
+    spec = json.dumps(settings("embedded:smollm2-135m-instruct", save_steps=4))
+    assert cli.main([*args, "--settings", spec]) == 0
+
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "loss.png", "train_log.csv", "train_metrics.json"]
+    log = pl.read_csv(out / "train_log.csv")
+    assert log["step"].to_list() == [1, 2, 3, 4, 5, 6]  # logging_steps=1 honoured
+    assert log["loss"][-1] < 0.7 * log["loss"][0]
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["examples_trained"] == 8 and metrics["too_long"] == 0
+    assert metrics["tokens_per_second"] > 0 and metrics["peak_memory_bytes"] > 0
+    assert metrics["final_loss"] == pytest.approx(log["loss"][-1])
+    assert metrics["resumed_from_step"] is None
+
+    adapter = out / "adapter"
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(embedded_model)
+    model = PeftModel.from_pretrained(base, adapter)
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained (lora_B starts at zero)
+    saved = AutoTokenizer.from_pretrained(adapter)
+    assert saved.chat_template == AutoTokenizer.from_pretrained(embedded_model).chat_template
+
+
+# ----------------------------------------------------------------- 3. kill and resume
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_last_checkpoint(embedded_model, tmp_path, caplog):
+    data = write_sft(tmp_path / "sft.parquet", [conversation(i) for i in range(8)])
+    out = tmp_path / "out"
+    config = settings(str(embedded_model), max_steps=6, save_steps=2)
+    command = [sys.executable, "-m", "synthpert.cli", "train", "--data", str(data), "--out-dir", str(out)]
+    proc = subprocess.Popen([*command, "--settings", json.dumps(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((out / "checkpoints").glob("checkpoint-*/trainer_state.json")):
+            assert proc.poll() is None, f"training ended before a checkpoint was seen: {proc.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (out / "train_metrics.json").exists()
+
+    caplog.set_level("INFO", logger="synthpert.train")
+    metrics = train(data, config, out)
+    assert metrics["resumed_from_step"] in (2, 4)
+    assert metrics["steps"] == 6
+    assert "resuming from" in caplog.text
+    steps = pl.read_csv(out / "train_log.csv")["step"].to_list()
+    assert steps == list(range(1, 7))  # the history of both sessions, no step twice
+    assert not (out / "checkpoints").exists()
+
+
+def test_resume_point_discards_other_runs_and_incomplete_checkpoints(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    assert resume_point(ckpt, "run-a") is None
+    for step, complete in [(2, True), (4, True), (6, False)]:
+        (ckpt / f"checkpoint-{step}").mkdir()
+        if complete:
+            (ckpt / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert resume_point(ckpt, "run-a") == ckpt / "checkpoint-4"
+    assert not (ckpt / "checkpoint-6").exists()
+    assert resume_point(ckpt, "run-b") is None  # other data or settings: start over
+    assert not (ckpt / "checkpoint-4").exists()
+
+
+# ----------------------------------------------------------------- 4. too long
+
+
+@pytest.mark.slow
+def test_too_long_conversations_are_dropped_and_counted(embedded_model, tmp_path, caplog):
+    conversations = [conversation(i) for i in range(7)] + [conversation(7, reasoning_words=200)]
+    data = write_sft(tmp_path / "sft.parquet", conversations)
+    caplog.set_level("WARNING", logger="synthpert.train")
+    metrics = train(data, settings(str(embedded_model), max_steps=1, max_length=128), tmp_path / "out")
+    assert metrics["too_long"] == 1 and metrics["examples"] == 8 and metrics["examples_trained"] == 7
+    assert metrics["longest_tokens"] > 128
+    assert "dropping 1 of 8 conversations longer than max_length 128" in caplog.text
+
+    with pytest.raises(CommandError, match="every conversation .* longer than train.max_length 16"):
+        train(data, settings(str(embedded_model), max_length=16), tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+
+
+# ----------------------------------------------------------------- settings and inputs
+
+
+def test_settings_defaults_match_schema():
+    schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())
+    props = schema["properties"]["train"]["properties"]
+    defaults = TrainSettings()
+    for name, prop in props.items():
+        value = getattr(defaults, name)
+        assert (list(value) if isinstance(value, tuple) else value) == prop["default"], name
+    assert set(props) == {f for f in TrainSettings.__dataclass_fields__}
+    with pytest.raises(CommandError, match="unknown train settings"):
+        TrainSettings.from_dict({"lr": 1})
+
+
+def test_bad_inputs_are_refused_before_loading(tmp_path):
+    bad = write_sft(tmp_path / "bad.parquet", [conversation(0)[:2]])  # no assistant turn
+    with pytest.raises(CommandError, match="row 0"):
+        read_conversations(bad)
+    good = write_sft(tmp_path / "good.parquet", [conversation(0)])
+    with pytest.raises(CommandError, match="backend 'local'"):
+        train(good, {"train": {}, "models": {"student": {"backend": "openai", "model": "x"}}}, tmp_path / "o")
+    with pytest.raises(CommandError, match="not among the models"):
+        train(good, {"train": {"model": "nope"}, "models": {"student": {"backend": "local", "model": "x"}}}, tmp_path / "o")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
+def test_qlora_without_cuda_is_refused(tmp_path):
+    data = write_sft(tmp_path / "sft.parquet", [conversation(0)])
+    with pytest.raises(CommandError, match="needs a CUDA GPU"):
+        train(data, settings("no/such-model", load_in_4bit=True), tmp_path / "out")
+
+
+def test_gpu_benchmark_runs_tiny_on_cpu(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train_gpu", REPO / "benchmarks" / "bench_train_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tiny = "--layers 1 --hidden 64 --heads 4 --kv-heads 2 --intermediate 128 --vocab 512 --seq-len 32"
+    assert bench.main([*tiny.split(), "--batch-size", "2", "--warmup-steps", "1", "--steps", "1"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("[padded] ") and "tokens/s" in line and "MFU" in line
