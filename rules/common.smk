@@ -1,9 +1,16 @@
 import json
+import shlex
 
 from synthpert import config as cfg
 from synthpert.embedded import embedded_dir, is_embedded
 
 cfg.check(config)
+
+# Rules run `python -m synthpert <step>` from this checkout's source, so a per-rule conda
+# environment (envs/) needs only the third-party packages.
+# (Braces are doubled twice: once for this f-string, once for Snakemake's formatting.)
+SRC = shlex.quote(f"{workflow.basedir}/src")
+shell.prefix(f"set -euo pipefail; export PYTHONPATH={SRC}:${{{{PYTHONPATH:-}}}}; ")
 
 SPLITS = cfg.splits(config)
 FILES = [f"{c}-{k}.csv" for c in config["data"]["cells"] for k in ("de", "dir")]

@@ -11,7 +11,7 @@ rule fetch:
     conda:
         "../envs/data.yaml"
     shell:
-        "synthpert fetch --source {params.source:q} --name {wildcards.file} "
+        "python -m synthpert fetch --source {params.source:q} --name {wildcards.file} "
         "--sha256 {params.sha256} --out {output} 2> {log}"
 
 
@@ -30,7 +30,7 @@ rule prepare:
     conda:
         "../envs/data.yaml"
     shell:
-        "synthpert prepare --input-dir resources/perturbqa --cells {params.cells} "
+        "python -m synthpert prepare --input-dir resources/perturbqa --cells {params.cells} "
         "--holdout {params.holdout} --tuples {output.tuples} "
         "--splits-dir results/data/splits --table5 {output.table5} 2> {log}"
 
@@ -45,4 +45,4 @@ rule embedded_model:
     conda:
         "../envs/llm.yaml"
     shell:
-        "synthpert embedded-model --out {output} 2> {log}"
+        "python -m synthpert embedded-model --out {output} 2> {log}"

@@ -23,7 +23,7 @@ rule questions:
     conda:
         "../envs/data.yaml"
     shell:
-        "synthpert questions --split-file {input} --settings {params.settings:q} "
+        "python -m synthpert questions --split-file {input} --settings {params.settings:q} "
         "--out {output} 2> {log}"
 
 
@@ -44,7 +44,7 @@ rule predict:
     conda:
         "../envs/llm.yaml"
     shell:
-        "synthpert predict --questions {input.questions} --row {wildcards.row} "
+        "python -m synthpert predict --questions {input.questions} --row {wildcards.row} "
         "--cell {wildcards.cell} --shard {wildcards.shard} --split {wildcards.split} "
         "{params.adapter} --settings {params.settings:q} --out {output} 2> {log}"
 
@@ -64,7 +64,7 @@ rule baseline:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "synthpert baseline --row {wildcards.row} --cell {wildcards.cell} "
+        "python -m synthpert baseline --row {wildcards.row} --cell {wildcards.cell} "
         "--splits-file {input.split_file} --questions {input.questions} "
         "--settings {params.settings:q} --out {output} 2> {log}"
 
@@ -96,7 +96,7 @@ rule auroc_table:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "synthpert tables --table {wildcards.n} --split {params.split} "
+        "python -m synthpert tables --table {wildcards.n} --split {params.split} "
         "--predictions {input.predictions} --splits-file {input.split_file} "
         "--questions {input.questions} --settings {params.settings:q} --out {output} 2> {log}"
 
@@ -120,7 +120,7 @@ rule class_table:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "synthpert tables --table {wildcards.n} --split {params.split} "
+        "python -m synthpert tables --table {wildcards.n} --split {params.split} "
         "--predictions {input.predictions} --splits-file {input.split_file} "
         "--questions {input.questions} --settings {params.settings:q} "
         "--out {output.table} 2> {log}"
@@ -143,7 +143,7 @@ rule plot_roc:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "synthpert plots roc --task {wildcards.task} --predictions {input} --out {output} 2> {log}"
+        "python -m synthpert plots roc --task {wildcards.task} --predictions {input} --out {output} 2> {log}"
 
 
 rule plot_confusion:
@@ -161,4 +161,4 @@ rule plot_confusion:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "synthpert plots confusion --predictions {input} --out {output} 2> {log}"
+        "python -m synthpert plots confusion --predictions {input} --out {output} 2> {log}"

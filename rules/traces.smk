@@ -10,7 +10,7 @@ rule trace_sample:
     conda:
         "../envs/data.yaml"
     shell:
-        "synthpert traces sample --split-file {input} --settings {params.settings:q} "
+        "python -m synthpert traces sample --split-file {input} --settings {params.settings:q} "
         "--out {output} 2> {log}"
 
 
@@ -28,7 +28,7 @@ rule traces:
     conda:
         "../envs/llm.yaml"
     shell:
-        "synthpert traces run --sample {input.sample} --cell {wildcards.cell} "
+        "python -m synthpert traces run --sample {input.sample} --cell {wildcards.cell} "
         "--shard {wildcards.shard} --settings {params.settings:q} --out {output.traces} 2> {log}"
 
 
@@ -45,7 +45,7 @@ rule critic_grade:
     conda:
         "../envs/llm.yaml"
     shell:
-        "synthpert critic grade --traces {input.traces} --settings {params.settings:q} "
+        "python -m synthpert critic grade --traces {input.traces} --settings {params.settings:q} "
         "--out {output} 2> {log}"
 
 
@@ -65,7 +65,7 @@ rule critic_select:
     conda:
         "../envs/data.yaml"
     shell:
-        "synthpert critic select --grades {input} --split {wildcards.split} "
+        "python -m synthpert critic select --grades {input} --split {wildcards.split} "
         "--settings {params.settings:q} --out-dir {params.out_dir} {params.balanced} 2> {log}"
 
 
@@ -84,4 +84,4 @@ rule plot_grades:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "synthpert plots grades --grades {input} --out {output} 2> {log}"
+        "python -m synthpert plots grades --grades {input} --out {output} 2> {log}"

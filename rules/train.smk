@@ -24,5 +24,5 @@ rule train:
     conda:
         "../envs/train.yaml"
     shell:
-        "synthpert train --data {input.data} --settings {params.settings:q} "
+        "python -m synthpert train --data {input.data} --settings {params.settings:q} "
         "--out-dir {params.out_dir} --checkpoint-dir {params.checkpoints} 2> {log}"

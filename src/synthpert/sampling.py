@@ -39,3 +39,15 @@ def stratified(df: pl.DataFrame, by: str, size: int, seed: int) -> pl.DataFrame:
         df.filter(pl.col(by) == cls).sample(n, seed=seed) for cls, n in zip(classes, alloc, strict=True) if n > 0
     ]
     return pl.concat(parts)
+
+
+def balanced(df: pl.DataFrame, by: str, size: int, seed: int) -> pl.DataFrame:
+    """Seeded sample of about `size` rows with the same number of each `by` class (a class
+    with fewer rows gives all it has)."""
+    classes = sorted(df[by].unique().to_list())
+    per_class = max(1, size // len(classes))
+    parts = []
+    for cls in classes:
+        rows = df.filter(pl.col(by) == cls)
+        parts.append(rows.sample(min(per_class, rows.height), seed=seed))
+    return pl.concat(parts)

@@ -24,7 +24,7 @@ from synthpert.io import atomic_path, write_parquet
 from synthpert.labels import CELLS, CLASS_KEYS, CLASS_NAMES, NAME_TO_CLASS
 from synthpert.llm import Request, RequestLog, SpendingGuard, make_backend
 from synthpert.prompts import APPROACHES, generator_messages, parse_answer, parse_reasoning
-from synthpert.sampling import sample_size
+from synthpert.sampling import balanced, sample_size
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,11 @@ def draw_sample(split_df: pl.DataFrame, sample: dict, shards: int) -> pl.DataFra
         raise CommandError(f"traces.sample {sample} selects no tuple out of {train.height} training rows")
     if sample.get("count") is not None and sample["count"] > train.height:
         log.warning("traces.sample.count = %d but only %d training rows: taking all", sample["count"], train.height)
-    picked = train.sample(size, seed=sample.get("seed", 88)) if size < train.height else train
+    seed = sample.get("seed", 88)
+    if sample.get("balanced"):
+        picked = balanced(train, "label", size, seed)
+    else:
+        picked = train.sample(size, seed=seed) if size < train.height else train
     return (
         picked.with_columns(tid_expr().alias("tid"))
         .sort("cell", "tid")
