@@ -148,20 +148,25 @@ class LocalBackend:
             return []
         request = batch[0][1]  # the batch shares its generation settings
         if request.max_new_tokens == 0:
-            generated = [([], "stop", 0)] * len(batch)
+            generated = [("", "stop", 0)] * len(batch)
         else:
             generated = self._generate([item[3] for item in batch], request)
         responses = []
-        for (key, request, prompt, prompt_ids), (new_ids, finish, n_new) in zip(batch, generated):
-            text = request.prefill + self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        for (key, request, prompt, prompt_ids), (new_text, finish, n_new) in zip(batch, generated):
+            text = request.prefill + new_text
             scores = self._score_options(prompt, text, request) if request.options else None
             responses.append(Response(key, request.tag, text, finish, len(prompt_ids), n_new, scores))
         return responses
 
-    def _generate(self, prompts: list[list[int]], request: Request) -> list[tuple[list[int], str, int]]:
-        """Per prompt: new token ids before EOS, finish reason, tokens generated (EOS included)."""
+    def _generate(self, prompts: list[list[int]], request: Request) -> list[tuple[str, str, int]]:
+        """Per prompt: new text, finish reason, tokens generated (EOS included).
+
+        With answer options, generation also stops at `</think>` or the option tag: what
+        would follow is replaced by scoring the options, so those tokens are never paid for.
+        """
         padded = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(self.device)
         sample = request.temperature > 0
+        stops = ["</think>", f"<{request.option_tag}>"] if request.options else None
         config = GenerationConfig(
             max_new_tokens=request.max_new_tokens,
             do_sample=sample,
@@ -170,15 +175,21 @@ class LocalBackend:
             top_k=0 if sample else None,  # plain nucleus sampling, no top-k cut
             eos_token_id=sorted(self.eos_ids),
             pad_token_id=self.tokenizer.pad_token_id,
+            stop_strings=stops,
         )
-        out = self.lm.generate(**padded, generation_config=config)
+        out = self.lm.generate(**padded, generation_config=config, tokenizer=self.tokenizer)
         results = []
         for row in out[:, padded["input_ids"].shape[1] :].tolist():
             stop = next((i for i, token in enumerate(row) if token in self.eos_ids), None)
-            if stop is None:
-                results.append((row, "length", len(row)))
+            text = self.tokenizer.decode(row if stop is None else row[:stop], skip_special_tokens=True)
+            hit = min((text.find(s) + len(s) for s in stops or () if s in text), default=None)
+            if hit is not None:  # stopped at a stop string (the rest of the row is padding)
+                text = text[:hit]
+                results.append((text, "stop", len(self._encode(text))))
+            elif stop is None:
+                results.append((text, "length", len(row)))
             else:
-                results.append((row[:stop], "stop", stop + 1))
+                results.append((text, "stop", stop + 1))
         return results
 
     @torch.inference_mode()
