@@ -59,7 +59,7 @@ from scipy import sparse
 from sklearn.preprocessing import normalize
 
 from synthpert.cli import CommandError, settings_type
-from synthpert.io import write_parquet
+from synthpert.io import PREDICTION_COLUMNS, read_parquet_columns, write_parquet
 from synthpert.labels import DOWN, NOT_DE, UP
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ DEFAULT_KNN_K = 20
 
 def load_splits(path: str | Path) -> pl.DataFrame:
     """The columns of a splits parquet the baselines need (training rows only matter)."""
-    frame = _read(path, SPLIT_COLUMNS, "splits file")
+    frame = read_parquet_columns(path, SPLIT_COLUMNS, "splits file")
     bad = frame.filter(~pl.col("role").is_in(["train", "test"])).height
     if bad:
         raise CommandError(f"splits file {path}: {bad} rows have a role other than train/test")
@@ -84,7 +84,7 @@ def load_splits(path: str | Path) -> pl.DataFrame:
 
 def load_questions(path: str | Path) -> pl.DataFrame:
     """The questions parquet (qid, cell, pert, gene, label); qids must be unique."""
-    frame = _read(path, QUESTION_COLUMNS, "questions file").with_columns(
+    frame = read_parquet_columns(path, QUESTION_COLUMNS, "questions file").with_columns(
         pl.col("label").cast(pl.Int64)
     )
     if frame["qid"].is_duplicated().any():
@@ -92,17 +92,6 @@ def load_questions(path: str | Path) -> pl.DataFrame:
     if not frame["label"].is_in([NOT_DE, DOWN, UP]).all():
         raise CommandError(f"questions file {path}: label must be 0, 1 or 2")
     return frame
-
-
-def _read(path: str | Path, columns: tuple[str, ...], what: str) -> pl.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise CommandError(f"{what} not found: {path}")
-    schema = pl.read_parquet_schema(path)
-    missing = [c for c in columns if c not in schema]
-    if missing:
-        raise CommandError(f"{what} {path} lacks columns {missing}; expected {list(columns)}")
-    return pl.read_parquet(path, columns=list(columns))
 
 
 # ---------------------------------------------------------------- rows
@@ -399,21 +388,7 @@ def to_predictions(scored: pl.DataFrame) -> pl.DataFrame:
         score_up=scored["score_up"].cast(pl.Float64),
         **common,
     ).filter(pl.col("label") != NOT_DE)
-    columns = [
-        "qid",
-        "cell",
-        "pert",
-        "gene",
-        "label",
-        "task",
-        "raw_text",
-        "pred",
-        "status",
-        "score_de",
-        "score_up",
-        "score_source",
-    ]
-    return pl.concat([de3.select(columns), direction.select(columns)]).sort("qid", "task")
+    return pl.concat([de3.select(PREDICTION_COLUMNS), direction.select(PREDICTION_COLUMNS)]).sort("qid", "task")
 
 
 # ---------------------------------------------------------------- CLI

@@ -10,6 +10,12 @@ from pathlib import Path
 
 import polars as pl
 
+# Columns every predictions file has (model rows add more: see evaluate.PREDICTION_SCHEMA).
+PREDICTION_COLUMNS = (
+    "qid", "cell", "pert", "gene", "label", "task", "raw_text", "pred", "status",
+    "score_de", "score_up", "score_source",
+)
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -41,3 +47,17 @@ def write_parquet(df: pl.DataFrame, path: str | os.PathLike) -> None:
 def write_csv(df: pl.DataFrame, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         df.write_csv(tmp)
+
+
+def read_parquet_columns(path: str | os.PathLike, columns: tuple[str, ...], what: str) -> pl.DataFrame:
+    """Read `columns` of a step's Parquet file, naming the file and what is missing."""
+    from synthpert.cli import CommandError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CommandError(f"{what} not found: {path}")
+    schema = pl.read_parquet_schema(path)
+    missing = [c for c in columns if c not in schema]
+    if missing:
+        raise CommandError(f"{what} {path} lacks columns {missing}; expected {list(columns)}")
+    return pl.read_parquet(path, columns=list(columns))

@@ -30,7 +30,7 @@ from pathlib import Path
 import polars as pl
 
 from synthpert.cli import CommandError, settings_type
-from synthpert.io import write_csv
+from synthpert.io import PREDICTION_COLUMNS, read_parquet_columns, write_csv
 from synthpert.labels import CELLS, NOT_DE, UP, display_cell
 from synthpert.metrics import (
     METRIC_NAMES,
@@ -42,19 +42,6 @@ from synthpert.metrics import (
 
 log = logging.getLogger(__name__)
 
-PREDICTION_COLUMNS = (
-    "qid",
-    "cell",
-    "pert",
-    "gene",
-    "label",
-    "task",
-    "pred",
-    "status",
-    "score_de",
-    "score_up",
-    "score_source",
-)
 QUESTION_COLUMNS = ("qid", "cell", "pert", "gene", "label")
 REPORTED_COLUMNS = ("table", "split", "paper", "model", "cell", "metric", "value", "source")
 DEFAULT_SEED = 88
@@ -77,14 +64,8 @@ def load_predictions(paths: list[str | Path]) -> pl.DataFrame:
     """All predictions files, each with its `row` (see `row_of`)."""
     frames = []
     for path in map(Path, paths):
-        if not path.is_file():
-            raise CommandError(f"predictions file not found: {path}")
-        schema = pl.read_parquet_schema(path)
-        missing = [c for c in PREDICTION_COLUMNS if c not in schema]
-        if missing:
-            raise CommandError(f"predictions file {path} lacks columns {missing}")
         frames.append(
-            pl.read_parquet(path, columns=list(PREDICTION_COLUMNS)).with_columns(
+            read_parquet_columns(path, PREDICTION_COLUMNS, "predictions file").with_columns(
                 row=pl.lit(row_of(path)),
                 label=pl.col("label").cast(pl.Int64),
                 pred=pl.col("pred").cast(pl.Int64, strict=False),
