@@ -24,12 +24,14 @@ include: "rules/data.smk"
 include: "rules/traces.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
+include: "rules/screen.smk"
 
 
 report: "report/workflow.rst"
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True
+        screen_targets(),

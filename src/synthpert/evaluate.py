@@ -43,23 +43,29 @@ def shard_rows(questions: pl.DataFrame, cell: str, shard: int, shards: int) -> p
     return rows.with_row_index("_i").filter(pl.col("_i") % shards == shard).drop("_i")
 
 
+def question_request(q: dict, task: str, generation: dict, local: bool) -> Request:
+    """The request asking question `q` (qid, cell, pert, gene) as `task`, tagged `qid|task`.
+
+    A local model starts its reasoning after a `<think>` prefill and its probabilities
+    of the task's answer options are read afterwards."""
+    return Request(
+        messages=prompts.question_messages(q["cell"], q["pert"], q["gene"], task),
+        max_new_tokens=generation["max_new_tokens"],
+        temperature=generation["temperature"],
+        top_p=generation["top_p"],
+        reasoning_effort=generation.get("reasoning_effort"),
+        prefill="<think>\n" if local else "",
+        options=tuple(CLASS_NAMES[c] for c in TASK_OPTIONS[task]) if local else (),
+        tag=f"{q['qid']}|{task}",
+    )
+
+
 def build_requests(rows: pl.DataFrame, generation: dict, local: bool) -> list[Request]:
+    """Every question as `de3`; differentially expressed ones also as `dir`."""
     requests = []
     for q in rows.iter_rows(named=True):
         tasks = ["de3"] + (["dir"] if q["label"] != NOT_DE else [])
-        for task in tasks:
-            requests.append(
-                Request(
-                    messages=prompts.question_messages(q["cell"], q["pert"], q["gene"], task),
-                    max_new_tokens=generation["max_new_tokens"],
-                    temperature=generation["temperature"],
-                    top_p=generation["top_p"],
-                    reasoning_effort=generation.get("reasoning_effort"),
-                    prefill="<think>\n" if local else "",
-                    options=tuple(CLASS_NAMES[c] for c in TASK_OPTIONS[task]) if local else (),
-                    tag=f"{q['qid']}|{task}",
-                )
-            )
+        requests += [question_request(q, task, generation, local) for task in tasks]
     return requests
 
 
@@ -102,6 +108,27 @@ PREDICTION_SCHEMA = {
 }
 
 
+def answer_records(rows: pl.DataFrame, requests: list[Request], responses: dict, model: str) -> list[dict]:
+    """One prediction record (the columns of `PREDICTION_SCHEMA`) per request, in order.
+
+    `rows` are the questions (qid, cell, pert, gene, label) that `requests` ask, tagged
+    `qid|task`; `responses` are the backend's answers by request key for `model`."""
+    by_qid = {q["qid"]: q for q in rows.iter_rows(named=True)}
+    records = []
+    for req in requests:
+        qid, task = req.tag.split("|")
+        resp = responses.get(req.key(model))
+        if resp is None:
+            raise CommandError(f"no answer for {req.tag}; rerun to resume")
+        q = by_qid[qid]
+        records.append(
+            {"qid": qid, "cell": q["cell"], "pert": q["pert"], "gene": q["gene"], "label": q["label"],
+             "task": task, "raw_text": resp.text, "finish_reason": resp.finish_reason}
+            | score_row(task, resp.text, resp.finish_reason, resp.option_logprobs)
+        )
+    return records
+
+
 def model_for_row(row: str, settings: dict) -> dict:
     name = settings["traces"]["model"] if row == "teacher" else settings["train"]["model"]
     return settings["models"][name]
@@ -130,20 +157,7 @@ def main(args) -> None:
     backend = make_backend(spec, adapter=str(args.adapter) if args.adapter else None)
     request_log = RequestLog(args.out.with_suffix(".requests.jsonl"))
     responses = backend.run(requests, request_log, desc=f"{args.row} {args.cell}#{args.shard}")
-    by_qid = {q["qid"]: q for q in rows.iter_rows(named=True)}
-    records = []
-    for req in requests:
-        qid, task = req.tag.split("|")
-        resp = responses.get(req.key(backend.model))
-        if resp is None:
-            raise CommandError(f"no answer for {req.tag}; rerun to resume")
-        q = by_qid[qid]
-        records.append(
-            {"qid": qid, "cell": q["cell"], "pert": q["pert"], "gene": q["gene"], "label": q["label"],
-             "task": task, "raw_text": resp.text, "finish_reason": resp.finish_reason}
-            | score_row(task, resp.text, resp.finish_reason, resp.option_logprobs)
-        )
-    df = pl.DataFrame(records, schema=PREDICTION_SCHEMA)
+    df = pl.DataFrame(answer_records(rows, requests, responses, backend.model), schema=PREDICTION_SCHEMA)
     write_parquet(df, args.out)
     usage = request_log.usage()
     log.info("%d answers (%s); usage %s", df.height, df["status"].value_counts().to_dicts(), usage)
