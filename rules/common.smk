@@ -67,7 +67,12 @@ def all_predictions(split):
 
 
 def all_targets():
-    targets = ["results/table5.csv", "results/table1.csv", "results/table2.csv", "results/table3.csv"]
+    targets = [
+        "results/table5.csv",
+        "results/table1.csv",
+        "results/table2.csv",
+        "results/table3.csv",
+    ]
     if HOLDOUT_TABLE_SPLIT in SPLITS:
         targets.append("results/table4.csv")
     for split in SPLITS:
@@ -83,3 +88,74 @@ def all_targets():
             variant=config["train"]["variants"],
         )
     return targets
+
+
+def row_model(wildcards):
+    """The embedded model a row needs, if any (the teacher row asks the teacher)."""
+    row = wildcards.row
+    return model_files(
+        config["traces"]["model"] if row == "teacher" else config["train"]["model"]
+    )
+
+
+def row_adapter(wildcards):
+    """The fine-tuned adapter of a trained row."""
+    if wildcards.row in cfg.TRAINED_ROWS:
+        return [f"results/models/{wildcards.split}/{wildcards.row}/adapter"]
+    return []
+
+
+TABLE_SPLIT = {"1": "default", "2": "default", "3": "default", "4": HOLDOUT_TABLE_SPLIT}
+
+
+def table_inputs(wildcards):
+    split = TABLE_SPLIT[wildcards.n]
+    return {
+        "predictions": all_predictions(split),
+        "split_file": f"results/data/splits/{split}.parquet",
+        "questions": f"results/eval/{split}/questions.parquet",
+    }
+
+
+def screen_split(wildcards):
+    """The split of the configured screen (`default` for a screen asked for by path only)."""
+    key = (wildcards.model, wildcards.cell, wildcards.pert)
+    for entry in config["screens"]:
+        if (entry["model"], entry["cell"], entry["pert"]) == key:
+            return entry.get("split", "default")
+    return "default"
+
+
+def screen_inputs(wildcards):
+    """The split table, the embedded model the screen's model needs, and the adapter of a
+    trained row (names resolve as in `synthpert ask`: `models:` first, then model rows).
+    """
+    model, split = wildcards.model, screen_split(wildcards)
+    if model in config["models"]:
+        name = model
+    elif model in cfg.LLM_ROWS:
+        name = (
+            config["traces"]["model"]
+            if model == "teacher"
+            else config["train"]["model"]
+        )
+    else:
+        raise ValueError(
+            f"screen model {model!r} is neither in models: {sorted(config['models'])} "
+            f"nor a model row {sorted(cfg.LLM_ROWS)}"
+        )
+    inputs = {
+        "split_file": f"results/data/splits/{split}.parquet",
+        "model": model_files(name),
+    }
+    if model not in config["models"] and model in cfg.TRAINED_ROWS:
+        inputs["adapter"] = f"results/models/{split}/{model}/adapter"
+    return inputs
+
+
+def screen_targets():
+    """The CSV of every screen in config `screens:`."""
+    return [
+        f"results/screens/{s['model']}/{s['cell']}/{s['pert']}.csv"
+        for s in config["screens"]
+    ]

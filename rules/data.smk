@@ -1,15 +1,15 @@
 rule fetch:
     output:
         "resources/perturbqa/{file}",
-    params:
-        source=config["data"]["source"],
-        sha256=lambda wildcards: config["data"]["sha256"][wildcards.file],
     log:
         "logs/fetch/{file}.log",
     wildcard_constraints:
         file=r"(k562|rpe1|hepg2|jurkat)-(de|dir)\.csv",
     conda:
         "../envs/data.yaml"
+    params:
+        source=config["data"]["source"],
+        sha256=lambda wildcards: config["data"]["sha256"][wildcards.file],
     shell:
         "python -m synthpert fetch --source {params.source:q} --name {wildcards.file} "
         "--sha256 {params.sha256} --out {output} 2> {log}"
@@ -21,14 +21,16 @@ rule prepare:
     output:
         tuples="results/data/tuples.parquet",
         splits=expand("results/data/splits/{split}.parquet", split=SPLITS),
-        table5=report("results/table5.csv", category="Data", caption="../report/table5.rst"),
-    params:
-        cells=config["data"]["cells"],
-        holdout=config["data"]["holdout"],
+        table5=report(
+            "results/table5.csv", category="Data", caption="../report/table5.rst"
+        ),
     log:
         "logs/prepare.log",
     conda:
         "../envs/data.yaml"
+    params:
+        cells=config["data"]["cells"],
+        holdout=config["data"]["holdout"],
     shell:
         "python -m synthpert prepare --input-dir resources/perturbqa --cells {params.cells} "
         "--holdout {params.holdout} --tuples {output.tuples} "

@@ -3,12 +3,12 @@ rule trace_sample:
         "results/data/splits/{split}.parquet",
     output:
         "results/traces/{split}/sample.parquet",
-    params:
-        settings=settings("traces"),
     log:
         "logs/traces/{split}/sample.log",
     conda:
         "../envs/data.yaml"
+    params:
+        settings=settings("traces"),
     shell:
         "python -m synthpert traces sample --split-file {input} --settings {params.settings:q} "
         "--out {output} 2> {log}"
@@ -21,12 +21,12 @@ rule traces:
     output:
         traces="results/traces/{split}/{cell}/{shard}.parquet",
         usage="results/traces/{split}/{cell}/{shard}.usage.json",
-    params:
-        settings=settings("traces", "models"),
     log:
         "logs/traces/{split}/{cell}/{shard}.log",
     conda:
         "../envs/llm.yaml"
+    params:
+        settings=settings("traces", "models"),
     shell:
         "python -m synthpert traces run --sample {input.sample} --cell {wildcards.cell} "
         "--shard {wildcards.shard} --settings {params.settings:q} --out {output.traces} 2> {log}"
@@ -38,12 +38,12 @@ rule critic_grade:
         model=model_files(config["critic"]["model"]),
     output:
         "results/traces/{split}/{cell}/{shard}.graded.parquet",
-    params:
-        settings=settings("critic", "models"),
     log:
         "logs/critic/{split}/{cell}/{shard}.log",
     conda:
         "../envs/llm.yaml"
+    params:
+        settings=settings("critic", "models"),
     shell:
         "python -m synthpert critic grade --traces {input.traces} --settings {params.settings:q} "
         "--out {output} 2> {log}"
@@ -56,14 +56,14 @@ rule critic_select:
         sft=expand("results/sft/{{split}}/{variant}.parquet", variant=SFT_VARIANTS),
         stats="results/sft/{split}/critic_stats.csv",
         grades="results/sft/{split}/grades.csv",
-    params:
-        settings=settings("critic", "traces"),
-        out_dir="results/sft/{split}",
-        balanced="--balanced" if "synthpert_balanced" in SFT_VARIANTS else "",
     log:
         "logs/critic/{split}/select.log",
     conda:
         "../envs/data.yaml"
+    params:
+        settings=settings("critic", "traces"),
+        out_dir="results/sft/{split}",
+        balanced="--balanced" if "synthpert_balanced" in SFT_VARIANTS else "",
     shell:
         "python -m synthpert critic select --grades {input} --split {wildcards.split} "
         "--settings {params.settings:q} --out-dir {params.out_dir} {params.balanced} 2> {log}"

@@ -13,16 +13,16 @@ rule train:
             labels={"variant": "{variant}", "split": "{split}"},
             caption="../report/loss.rst",
         ),
-    params:
-        settings=settings("train", "models"),
-        out_dir="results/models/{split}/{variant}",
-        checkpoints="results/checkpoints/{split}/{variant}",
-    resources:
-        gpu=1,
     log:
         "logs/train/{split}/{variant}.log",
     conda:
         "../envs/train.yaml"
+    resources:
+        gpu=1,
+    params:
+        settings=settings("train", "models"),
+        out_dir="results/models/{split}/{variant}",
+        checkpoints="results/checkpoints/{split}/{variant}",
     shell:
         "python -m synthpert train --data {input.data} --settings {params.settings:q} "
         "--out-dir {params.out_dir} --checkpoint-dir {params.checkpoints} 2> {log}"

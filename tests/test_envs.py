@@ -1,0 +1,224 @@
+"""The per-rule conda environments (envs/), checked statically: no conda channel is
+reachable here, so nothing is solved or installed.
+
+Every rule that runs a step names an environment file of envs/; each file parses; each
+provides the third-party packages the step imports (the module of its
+`python -m synthpert <step>` and, transitively, every synthpert module that one imports,
+imports inside functions included); and every version pin equals pyproject.toml's.
+Rules put the checkout's src/ on PYTHONPATH, so no environment installs synthpert itself.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+
+from synthpert.cli import COMMANDS
+
+REPO = Path(__file__).resolve().parents[1]
+ENVS = REPO / "envs"
+# conda-forge package -> the PyPI distribution it provides, where the names differ.
+CONDA_TO_PYPI = {"pytorch": "torch", "pytorch-gpu": "torch", "matplotlib-base": "matplotlib"}
+# What a module needs at run time that no import statement shows.
+RUNTIME_NEEDS = {
+    "synthpert.embedded": {"gguf", "pip"},  # transformers reads the GGUF through gguf; pip fetches the wheel
+}
+# Imports inside functions that a rule's step never calls (rule -> (module, function)).
+NOT_REACHED = {
+    # `traces sample` draws the question sample and builds no LLM backend.
+    "trace_sample": {("synthpert.llm", "make_backend"), ("synthpert.llm", "resolve_local_model")},
+    # `critic select` filters graded tables and builds no LLM backend.
+    "critic_select": {("synthpert.llm", "make_backend"), ("synthpert.llm", "resolve_local_model")},
+    # The rule passes --settings, so `screen` never reads a config file (which needs snakemake).
+    "screen": {("synthpert.ask", "load_config")},
+}
+STEP = re.compile(r"python -m synthpert ([\w-]+)")
+
+LOAD_RULES = """
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings, StorageSettings
+
+snakefile, configfile, workdir = map(Path, sys.argv[1:])
+with SnakemakeApi(OutputSettings()) as api:
+    workflow = api.workflow(
+        resource_settings=ResourceSettings(),
+        config_settings=ConfigSettings(configfiles=[configfile]),
+        storage_settings=StorageSettings(),
+        snakefile=snakefile,
+        workdir=workdir,
+    )._workflow
+    rules = {
+        r.name: {
+            "conda": r.conda_env and str((Path(r.snakefile).parent / r.conda_env).resolve()),
+            "shell": r.shellcmd,
+        }
+        for r in workflow.rules
+        if not r.norun
+    }
+print(json.dumps(rules))
+"""
+
+
+@pytest.fixture(scope="module")
+def rules(tmp_path_factory) -> dict[str, dict]:
+    """Each rule of the workflow (paper configuration) with its conda file and shell command."""
+    args = [str(REPO / "Snakefile"), str(REPO / "config" / "config.yaml"), str(tmp_path_factory.mktemp("wf"))]
+    done = subprocess.run([sys.executable, "-c", LOAD_RULES, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def load_env(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(conda dependencies, pip dependencies) of an environment file: name -> version spec."""
+    env = yaml.safe_load(path.read_text())
+    assert isinstance(env, dict) and env.get("channels") and env.get("dependencies"), path
+    conda, pip = {}, {}
+    for dep in env["dependencies"]:
+        if isinstance(dep, dict):
+            assert set(dep) == {"pip"}, f"{path}: unexpected {dep}"
+            for line in dep["pip"]:
+                req = Requirement(line)
+                pip[canonicalize_name(req.name)] = str(req.specifier)
+        else:
+            name, spec = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*(.*)", dep).groups()
+            conda[name.lower()] = spec
+    if pip:
+        assert "pip" in conda, f"{path}: a pip: section needs pip among the conda dependencies"
+    return conda, pip
+
+
+def provided(path: Path) -> set[str]:
+    """PyPI names of everything an environment file installs."""
+    conda, pip = load_env(path)
+    return {canonicalize_name(CONDA_TO_PYPI.get(n, n)) for n in conda} | set(pip)
+
+
+def pyproject_pins() -> dict[str, str]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"])
+    for group in project["optional-dependencies"].values():
+        reqs += [r for r in group if not r.startswith("synthpert")]
+    return {canonicalize_name(Requirement(r).name): str(Requirement(r).specifier) for r in reqs}
+
+
+def module_imports(module: str) -> list[tuple[str, str | None]]:
+    """(imported module, enclosing top-level function or None) for every import of `module`."""
+    tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
+    found = []
+
+    def visit(node, function):
+        for child in ast.iter_child_nodes(node):
+            inner = function
+            if function is None and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inner = child.name
+            if isinstance(child, ast.Import):
+                found.extend((a.name, inner) for a in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.module and child.module != "__future__":
+                assert child.level == 0, f"{module}: relative import"
+                found.append((child.module, inner))
+                for alias in child.names:  # `from synthpert import prompts` imports a module
+                    sub = f"{child.module}.{alias.name}"
+                    if child.module == "synthpert" and importlib.util.find_spec(sub):
+                        found.append((sub, inner))
+            visit(child, inner)
+
+    visit(tree, None)
+    return found
+
+
+def third_party_needs(rule: str, step_module: str) -> dict[str, str]:
+    """Top-level third-party imports reachable from a step's module -> the synthpert
+    module that imports it (plus RUNTIME_NEEDS)."""
+    skip = NOT_REACHED.get(rule, set())
+    seen, todo, needs = set(), ["synthpert", "synthpert.__main__", step_module], {}
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        needs.update(dict.fromkeys(RUNTIME_NEEDS.get(module, ()), module))
+        for imported, function in module_imports(module):
+            if (module, function) in skip:
+                continue
+            top = imported.split(".")[0]
+            if top == "synthpert":
+                todo.append(imported)
+            elif top not in sys.stdlib_module_names:
+                needs.setdefault(top, module)
+    return needs
+
+
+def distribution(import_name: str) -> str:
+    """The PyPI distribution that installs an import name (itself when not installed here)."""
+    dists = importlib.metadata.packages_distributions().get(import_name, [import_name])
+    return canonicalize_name(dists[0])
+
+
+def step_module(rule: str, shell: str) -> str:
+    match = STEP.search(shell)
+    assert match, f"rule {rule} does not run `python -m synthpert <step>`: {shell}"
+    return COMMANDS[match.group(1)][0]
+
+
+def test_every_rule_names_an_existing_environment(rules):
+    assert rules, "no rules found"
+    for name, rule in rules.items():
+        assert rule["conda"], f"rule {name} has no conda: directive"
+        path = Path(rule["conda"])
+        assert path.parent == ENVS and path.is_file(), f"rule {name}: {path} is not a file in envs/"
+    unused = {p.name for p in ENVS.glob("*.yaml")} - {Path(r["conda"]).name for r in rules.values()}
+    assert not unused, f"environments no rule uses: {unused}"
+
+
+@pytest.mark.parametrize("path", sorted(ENVS.glob("*.yaml")), ids=lambda p: p.name)
+def test_environment_file_parses_and_pins_agree_with_pyproject(path):
+    env = yaml.safe_load(path.read_text())
+    assert env["channels"][0] == "conda-forge", path
+    conda, pip = load_env(path)
+    python = conda.pop("python")
+    requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert SpecifierSet(requires).contains(python.lstrip("=")), f"{path}: python{python} vs {requires}"
+    conda.pop("pip", None)
+    pins = pyproject_pins()
+    checked = {**{CONDA_TO_PYPI.get(n, n): s for n, s in conda.items()}, **pip}
+    for name, spec in checked.items():
+        name = canonicalize_name(name)
+        assert name in pins, f"{path}: {name} is not a dependency in pyproject.toml"
+        assert SpecifierSet(spec) == SpecifierSet(pins[name]), f"{path}: {name}{spec} but pyproject says {pins[name]}"
+
+
+def test_each_environment_provides_what_its_step_imports(rules):
+    missing = {}
+    for name, rule in rules.items():
+        have = provided(Path(rule["conda"]))
+        for top, importer in third_party_needs(name, step_module(name, rule["shell"])).items():
+            if distribution(top) not in have:
+                missing.setdefault(name, []).append(f"{top} (imported by {importer})")
+    assert not missing, f"environments lack packages their steps import: {missing}"
+
+
+def test_the_import_analysis_sees_lazy_and_transitive_imports():
+    """A guard that the check above can fail: predict reaches torch and openai only via
+    functions of synthpert.llm, and train imports bitsandbytes inside a function."""
+    predict = third_party_needs("predict", "synthpert.evaluate")
+    assert {"torch", "transformers", "peft", "openai", "polars"} <= set(predict)
+    assert predict["openai"] == "synthpert.backend_openai"
+    assert "bitsandbytes" in third_party_needs("train", "synthpert.train")
+    assert "torch" not in third_party_needs("critic_select", "synthpert.critic")
+    assert "torch" in third_party_needs("critic_grade", "synthpert.critic")
+    assert distribution("sklearn") == "scikit-learn" and distribution("yaml") == "pyyaml"
