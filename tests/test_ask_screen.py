@@ -19,7 +19,8 @@ import yaml
 
 from synthpert import ask, cli, prompts, screen
 from synthpert.cli import CommandError
-from synthpert.evaluate import answer_records, build_requests, option_probabilities
+from synthpert.evaluate import answer_records, build_requests
+from synthpert.labels import class_probabilities
 from synthpert.labels import CELLS, CLASS_NAMES, NOT_DE, UP
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ def test_ask_prints_answer_probabilities_reasoning_and_caches(ws, capsys):
     cache = ws.results / "ask" / "requests.jsonl"
     (record,) = log_lines(cache)
     assert record["tag"] == f"k562:{PERT}:HSPA1A|de3"
-    expected = option_probabilities(record["option_logprobs"], "de3")  # the model's own scores
+    expected = class_probabilities(record["option_logprobs"])  # the model's own scores
     assert {CLASS_NAMES[c]: f"{p:.3f}" for c, p in expected.items()} == probs
 
     assert cli.main(argv) == 0  # asked again: answered from the cache

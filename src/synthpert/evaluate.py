@@ -13,7 +13,6 @@ and an unparsed answer stays unparsed (counted wrong by the metrics, never dropp
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import polars as pl
@@ -22,7 +21,7 @@ from synthpert import prompts
 from synthpert.cli import CommandError, settings_type
 from synthpert.config import TRAINED_ROWS
 from synthpert.io import write_parquet
-from synthpert.labels import CLASS_NAMES, DOWN, NOT_DE, UP
+from synthpert.labels import CLASS_NAMES, DOWN, NOT_DE, UP, class_probabilities
 from synthpert.llm import Request, RequestLog, make_backend
 
 log = logging.getLogger(__name__)
@@ -69,20 +68,10 @@ def build_requests(rows: pl.DataFrame, generation: dict, local: bool) -> list[Re
     return requests
 
 
-def option_probabilities(logprobs: dict[str, float], task: str) -> dict[int, float]:
-    """Softmax of the options' log-probabilities, by class."""
-    classes = TASK_OPTIONS[task]
-    values = [logprobs[CLASS_NAMES[c]] for c in classes]
-    top = max(values)
-    weights = [math.exp(v - top) for v in values]
-    total = sum(weights)
-    return {c: w / total for c, w in zip(classes, weights, strict=True)}
-
-
 def score_row(task: str, text: str, finish_reason: str, logprobs: dict | None) -> dict:
     """Prediction, parse status and continuous score of one answer."""
     if logprobs:
-        probs = option_probabilities(logprobs, task)
+        probs = class_probabilities(logprobs)
         pred = max(probs, key=probs.get)
         record = {"pred": pred, "status": "answered", "score_source": "probabilities"}
         if task == "de3":

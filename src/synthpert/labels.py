@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import math
+
 CELLS = ("k562", "rpe1", "hepg2", "jurkat")
 CELL_DISPLAY = {"k562": "K562", "rpe1": "RPE1", "hepg2": "HepG2", "jurkat": "Jurkat"}
 
@@ -31,3 +33,11 @@ def three_class(de: int, direction: int | None) -> int:
 
 def display_cell(cell: str) -> str:
     return CELL_DISPLAY.get(cell, cell)
+
+
+def class_probabilities(logprobs: dict[str, float]) -> dict[int, float]:
+    """Softmax of answer options' log-probabilities (keyed by class name), by class."""
+    top = max(logprobs.values())
+    weights = {NAME_TO_CLASS[name]: math.exp(lp - top) for name, lp in logprobs.items()}
+    total = sum(weights.values())
+    return {cls: w / total for cls, w in weights.items()}

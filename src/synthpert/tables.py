@@ -33,7 +33,6 @@ from synthpert.cli import CommandError, settings_type
 from synthpert.io import PREDICTION_COLUMNS, read_parquet_columns, write_csv
 from synthpert.labels import CELLS, NOT_DE, UP, display_cell
 from synthpert.metrics import (
-    METRIC_NAMES,
     auroc_per_gene,
     auroc_pooled,
     bootstrap_three_class,

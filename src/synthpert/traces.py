@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import polars as pl
 
 from synthpert.cli import CommandError, settings_type
 from synthpert.io import atomic_path, write_parquet
-from synthpert.labels import CELLS, CLASS_KEYS, CLASS_NAMES, NAME_TO_CLASS
+from synthpert.labels import CELLS, CLASS_KEYS, CLASS_NAMES, class_probabilities
 from synthpert.llm import Request, RequestLog, SpendingGuard, make_backend
 from synthpert.prompts import APPROACHES, generator_messages, parse_answer, parse_reasoning
 from synthpert.sampling import balanced, sample_size
@@ -186,14 +185,6 @@ def generator_requests(rows: pl.DataFrame, traces: dict, local: bool) -> list[Re
     ]
 
 
-def _option_probs(logprobs: dict[str, float]) -> dict[int, float]:
-    """Softmax over the three label options."""
-    top = max(logprobs.values())
-    weights = {NAME_TO_CLASS[name]: math.exp(lp - top) for name, lp in logprobs.items()}
-    total = sum(weights.values())
-    return {cls: w / total for cls, w in weights.items()}
-
-
 def scored_reasoning(text: str) -> str | None:
     """Reasoning of an option-scored answer: what the scores were conditioned on, i.e.
     the text before `<answer>`, with a `<think>` the model left open closed (a model
@@ -211,7 +202,7 @@ def trace_record(row: dict, response) -> dict:
     if response.finish_reason == "error":
         answer, status = None, "error"
     elif response.option_logprobs:
-        probs = _option_probs(response.option_logprobs)
+        probs = class_probabilities(response.option_logprobs)
         answer = max(probs, key=probs.get)
         if response.finish_reason == "length":  # cut off: the reasoning is incomplete
             status, reasoning = "truncated", parse_reasoning(response.text)
