@@ -92,10 +92,7 @@ def all_targets():
 
 def row_model(wildcards):
     """The embedded model a row needs, if any (the teacher row asks the teacher)."""
-    row = wildcards.row
-    return model_files(
-        config["traces"]["model"] if row == "teacher" else config["train"]["model"]
-    )
+    return model_files(cfg.row_model_name(wildcards.row, config))
 
 
 def row_adapter(wildcards):
@@ -134,11 +131,7 @@ def screen_inputs(wildcards):
     if model in config["models"]:
         name = model
     elif model in cfg.LLM_ROWS:
-        name = (
-            config["traces"]["model"]
-            if model == "teacher"
-            else config["train"]["model"]
-        )
+        name = cfg.row_model_name(model, config)
     else:
         raise ValueError(
             f"screen model {model!r} is neither in models: {sorted(config['models'])} "

@@ -36,6 +36,7 @@ import yaml
 
 from synthpert.cli import CommandError, settings_type
 from synthpert.config import LLM_ROWS, TRAINED_ROWS
+from synthpert.embedded import local_path
 from synthpert.evaluate import PREDICTION_SCHEMA, answer_records, model_for_row, question_request
 from synthpert.labels import CLASS_NAMES, DOWN, NOT_DE, UP, display_cell
 from synthpert.llm import RequestLog, make_backend
@@ -121,12 +122,6 @@ def model_defaults() -> dict:
     return {key: value["default"] for key, value in properties.items() if "default" in value}
 
 
-def _local_path(model: str) -> str:
-    from synthpert.embedded import embedded_dir, is_embedded
-
-    return str(embedded_dir(model)) if is_embedded(model) else model
-
-
 def _same_model(a: str, b: str) -> bool:
     pa, pb = Path(a), Path(b)
     if pa.exists() and pb.exists():
@@ -146,7 +141,7 @@ def adapter_model(path: Path, settings: dict) -> Model:
     models = settings["models"]
     names = [settings["train"]["model"], *sorted(models)]
     local = [models[n] for n in names if n in models and models[n]["backend"] == "local"]
-    spec = next((s for s in local if _same_model(_local_path(s["model"]), base)), None)
+    spec = next((s for s in local if _same_model(local_path(s["model"]), base)), None)
     if spec is None:
         spec = {**model_defaults(), "backend": "local", "model": base}
     # results/models/{split}/{variant}/adapter names the variant and its split

