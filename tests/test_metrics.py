@@ -11,10 +11,13 @@ from sklearn.metrics import matthews_corrcoef, roc_auc_score
 
 from synthpert.metrics import (
     METRIC_NAMES,
+    auroc_paper,
+    auroc_paper_subsets,
     auroc_per_gene,
     auroc_pooled,
     bootstrap_three_class,
     confusion,
+    hard_answer_score,
     scores_from_confusion,
     three_class_metrics,
 )
@@ -72,6 +75,51 @@ def test_auroc_undefined_and_bad_input():
         auroc_pooled([0, 1], [0.1, None])
     with pytest.raises(ValueError, match="0/1"):
         auroc_per_gene(["A", "A"], [0, 2], [0.1, 0.2])
+
+
+def test_paper_protocol_auroc_scores_hard_answers_with_ties_and_unparsed():
+    # de3: truth is "changed" (label 1 or 2); a change answer scores 1, not DE 0, unparsed .5
+    truth = [0, 0, 0, 1, 2, 2, 0, 1]
+    pred = [0, 1, None, 1, 0, 2, 0, None]
+    assert hard_answer_score(pred, "de3").tolist() == [0, 1, 0.5, 1, 0, 1, 0, 0.5]
+    changed = [int(t != 0) for t in truth]
+    # positives score (1, 0, 1, .5), negatives (0, 1, .5, 0); over the 16 pairs:
+    #   a positive 1: beats 0, 0.5, 0 and ties 1 -> 3.5 (twice: 7)
+    #   the positive 0: ties both 0s -> 1;  the positive .5: beats both 0s, ties .5 -> 2.5
+    # -> (7 + 1 + 2.5) / 16 = 0.65625
+    result = auroc_paper(changed, pred, "de3")
+    assert result.value == pytest.approx(10.5 / 16) and result.n == 8
+    assert result.value == pytest.approx(roc_auc_score(changed, [0, 1, 0.5, 1, 0, 1, 0, 0.5]))
+    # dir: up 1, down 0; unparsed and any non-direction answer (not DE) .5
+    up = [1, 1, 0, 0, 1]
+    pred_dir = [2, None, 1, 2, 0]
+    assert hard_answer_score(pred_dir, "dir").tolist() == [1, 0.5, 0, 1, 0.5]
+    # positives (1, .5, .5) vs negatives (0, 1): 1 -> 1.5, each .5 -> 1 -> 3.5 / 6
+    assert auroc_paper(up, pred_dir, "dir").value == pytest.approx(3.5 / 6)
+    # with no unparsed answer it is the balanced accuracy of the yes/no decision
+    assert auroc_paper([1, 1, 0, 0, 0], [2, 0, 0, 0, 1], "de3").value == pytest.approx(
+        (1 / 2 + 2 / 3) / 2
+    )
+    with pytest.raises(ValueError, match="task"):
+        hard_answer_score([0], "three")
+
+
+def test_paper_protocol_subsets_are_seeded_and_sized():
+    rng = np.random.default_rng(5)
+    truth = rng.integers(0, 2, 500)
+    pred = np.where(rng.random(500) < 0.8, truth * 2, 2 - truth * 2).astype(float)
+    pred[:25] = np.nan  # unparsed
+    a = auroc_paper_subsets(truth, pred, "de3", seed=88)
+    assert a == auroc_paper_subsets(truth, pred, "de3", seed=88)
+    assert a != auroc_paper_subsets(truth, pred, "de3", seed=89)
+    assert a.n == 100 and a.draws == 3 and a.sd > 0
+    full = auroc_paper(truth, pred, "de3").value
+    assert abs(a.mean - full) < 3 * a.sd + 0.02  # subsets scatter around the full-set value
+    perfect = auroc_paper_subsets(truth, truth * 2, "de3", seed=1)
+    assert perfect.mean == 1.0 and perfect.sd == 0.0
+    # a subset with one class has no AUROC: left out of the mean, and counted out of draws
+    one = auroc_paper_subsets([1] * 9 + [0], [2] * 10, "de3", seed=0, fraction=0.1)
+    assert one.n == 1 and one.draws == 0 and math.isnan(one.mean) and math.isnan(one.sd)
 
 
 def test_three_class_counts_an_unparsed_answer_as_wrong():

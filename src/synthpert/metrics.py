@@ -1,7 +1,13 @@
-"""Evaluation metrics: AUROC (PerturbQA's per-gene and pooled) and three-class scores.
+"""Evaluation metrics: AUROC (PerturbQA's per-gene, pooled, the SynthPert paper's own) and
+three-class scores.
 
 Pure functions on numpy/polars, small enough to check by hand. Every result carries the
 number of tuples it was computed on.
+
+Three AUROC views of one row: `auroc_per_gene` (PerturbQA's metric, from the row's scores),
+`auroc_pooled` (one AUROC over a cell line's tuples, from the same scores) and `auroc_paper`
+(the SynthPert paper's released code: pooled, from the hard answer mapped to 1 / 0 / 0.5,
+optionally on seeded random 20% subsets, `auroc_paper_subsets`).
 
 Three-class scores are computed from a 3 x 4 confusion matrix: rows are the true class
 (0 not DE, 1 down, 2 up), columns the predicted class plus a fourth column for answers
@@ -23,6 +29,9 @@ import polars as pl
 from sklearn.metrics import roc_auc_score
 
 from synthpert.labels import CLASS_KEYS, DOWN, NOT_DE, UP
+
+PAPER_SUBSET_FRACTION = 0.2  # the paper's code scored random subsets of the test set
+PAPER_SUBSET_DRAWS = 3
 
 CLASSES = (NOT_DE, DOWN, UP)
 UNPARSED_COLUMN = len(CLASSES)  # index of the "unparsed" column of the confusion matrix
@@ -88,6 +97,66 @@ def auroc_pooled(truth, score) -> Auroc:
     if y.size == 0 or y.min() == y.max():
         return Auroc(float("nan"), int(y.size))
     return Auroc(float(roc_auc_score(y, s)), int(y.size))
+
+
+def hard_answer_score(pred, task: str) -> np.ndarray:
+    """The SynthPert code's score from a hard answer: 1 for a change (`de3`: down or up;
+    `dir`: up), 0 for none (`de3`: not DE; `dir`: down), 0.5 for anything else (unparsed)."""
+    p = pl.Series(pred).cast(pl.Int64, strict=False).fill_null(-1).to_numpy()
+    if task == "de3":
+        one, zero = np.isin(p, (DOWN, UP)), p == NOT_DE
+    elif task == "dir":
+        one, zero = p == UP, p == DOWN
+    else:
+        raise ValueError(f"task must be de3 or dir, not {task!r}")
+    return np.where(one, 1.0, np.where(zero, 0.0, 0.5))
+
+
+def auroc_paper(truth, pred, task: str) -> Auroc:
+    """The paper's protocol on all tuples: pooled AUROC of the hard answers' 1 / 0 / 0.5.
+
+    With only three score levels most pairs tie (each tie counts one half): with no unparsed
+    answer it equals the balanced accuracy of the yes/no decision, not a ranking measure.
+    """
+    return auroc_pooled(truth, hard_answer_score(pred, task))
+
+
+class SubsetAuroc(NamedTuple):
+    """Mean and sample SD of an AUROC over `draws` random subsets of `n` tuples each
+    (draws with one class only are left out of both; `draws` counts those kept)."""
+
+    mean: float
+    sd: float
+    n: int
+    draws: int
+
+
+def auroc_paper_subsets(
+    truth,
+    pred,
+    task: str,
+    seed: int,
+    fraction: float = PAPER_SUBSET_FRACTION,
+    draws: int = PAPER_SUBSET_DRAWS,
+) -> SubsetAuroc:
+    """`auroc_paper` on `draws` random subsets (without replacement) of `fraction` of the
+    tuples, as the paper's code scored them, but seeded: the same seed and tuple order give
+    the same subsets, so rows answering the same questions are scored on the same tuples."""
+    y = _binary(truth)
+    score = hard_answer_score(pred, task)
+    if y.size == 0:
+        return SubsetAuroc(float("nan"), float("nan"), 0, 0)
+    size = max(1, int(y.size * fraction))
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(draws):
+        pick = rng.choice(y.size, size=size, replace=False)
+        value = auroc_pooled(y[pick], score[pick]).value
+        if not np.isnan(value):
+            values.append(value)
+    mean = float(np.mean(values)) if values else float("nan")
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+    return SubsetAuroc(mean, sd, size, len(values))
 
 
 def confusion(truth, pred) -> np.ndarray:
