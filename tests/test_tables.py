@@ -108,6 +108,8 @@ def workdir(tmp_path):
         w.writerow(["table", "split", "paper", "model", "cell", "metric", "value", "source"])
         w.writerow([1, "default", "P", "SUMMER", "k562", "auroc_per_gene", 0.62, "paper table 1"])
         w.writerow([1, "default", "P", "SUMMER", "rpe1", "auroc_per_gene", 0.59, "paper table 1"])
+        # another paper's copy of the same model, printed under a metric of unknown kind
+        w.writerow([1, "default", "S", "SUMMER", "k562", "auroc_as_reported", 0.6, "S table 1"])
         w.writerow([3, "default", "P", "X", "all", "accuracy", 0.5, "paper table 3"])
         w.writerow([1, "other_split", "P", "Y", "k562", "auroc_per_gene", 0.7, "elsewhere"])
     return tmp_path
@@ -147,7 +149,13 @@ def run_tables(
     return code, out
 
 
-def test_table1_per_gene_and_pooled_auroc_with_reported_rows(workdir):
+def cell_columns(cell: str) -> list[str]:
+    views = ("auroc_per_gene", "n_genes", "auroc_pooled", "auroc_paper", "n")
+    subsets = ("auroc_paper_subsets_mean", "auroc_paper_subsets_sd", "n_subset")
+    return [f"{cell}_{c}" for c in (*views, *subsets)]
+
+
+def test_table1_three_auroc_views_with_reported_rows(workdir):
     code, out = run_tables(workdir, 1)
     assert code == 0
     t = pl.read_csv(out)
@@ -156,17 +164,14 @@ def test_table1_per_gene_and_pooled_auroc_with_reported_rows(workdir):
         "kind",
         "row",
         "score_source",
-        "K562_auroc_per_gene",
-        "K562_n_genes",
-        "K562_auroc_pooled",
-        "K562_n",
-        "RPE1_auroc_per_gene",
-        "RPE1_n_genes",
-        "RPE1_auroc_pooled",
-        "RPE1_n",
+        *cell_columns("K562"),
+        "K562_auroc_as_reported",  # reported-only columns stay with their cell line
+        *cell_columns("RPE1"),
+        "paper",
         "source",
     ]
-    assert t["row"].to_list() == ["good", "bad", "SUMMER"]  # settings order, reported last
+    # settings order, reported rows last, one per (paper, model)
+    assert t["row"].to_list() == ["good", "bad", "SUMMER", "SUMMER"]
     good = t.row(0, named=True)
     # k562 gA: (0: .1, 2: .9) -> 1; gB: (1: .8, 0: .2) -> 1; pooled over 4 tuples -> 1
     assert good["K562_auroc_per_gene"] == 1.0 and good["K562_n_genes"] == 2
@@ -174,12 +179,25 @@ def test_table1_per_gene_and_pooled_auroc_with_reported_rows(workdir):
     # rpe1 gA: DE .7 vs unparsed .5 -> 1
     assert good["RPE1_auroc_per_gene"] == 1.0 and good["RPE1_n"] == 2
     assert good["score_source"] == "label_mapping" and good["kind"] == "computed"
+    # paper protocol: k562 hard answers all right -> 1; rpe1: q4 (DE) answered "up" -> 1,
+    # q5 (not DE) unparsed -> 0.5: the positive outranks the negative -> 1
+    assert good["K562_auroc_paper"] == 1.0 and good["RPE1_auroc_paper"] == 1.0
+    # 20% of 4 tuples is 1 tuple per draw: one class, no AUROC, but the size is kept
+    assert good["K562_auroc_paper_subsets_mean"] is None and good["K562_n_subset"] == 1
+    assert good["paper"] is None and good["source"] is None
     bad = t.row(1, named=True)
     assert bad["K562_auroc_per_gene"] == 0.5 and bad["K562_auroc_pooled"] == 0.5
+    assert bad["K562_auroc_paper"] == 0.5  # "not DE" everywhere: every hard score 0
     reported = t.row(2, named=True)
     assert reported["kind"] == "reported" and reported["source"] == "paper table 1"
+    assert reported["paper"] == "P"
     assert reported["K562_auroc_per_gene"] == 0.62 and reported["RPE1_auroc_per_gene"] == 0.59
     assert reported["K562_n"] is None and reported["K562_auroc_pooled"] is None
+    assert reported["K562_auroc_paper"] is None and reported["K562_auroc_as_reported"] is None
+    other = t.row(3, named=True)
+    assert other["kind"] == "reported" and other["paper"] == "S"
+    assert other["K562_auroc_as_reported"] == 0.6
+    assert all(other[f"K562_auroc_{v}"] is None for v in ("per_gene", "pooled", "paper"))
     assert "Y" not in t["row"].to_list()  # reported for another split
 
 
@@ -192,6 +210,9 @@ def test_table2_direction_auroc(workdir):
     assert good["K562_auroc_per_gene"] is None and good["K562_n_genes"] == 0
     assert good["K562_auroc_pooled"] == 1.0 and good["K562_n"] == 2
     assert good["RPE1_auroc_pooled"] is None and good["RPE1_n"] == 1
+    # paper protocol: q1 "up" -> 1 (up), q2 "down" -> 0 (down) -> 1; bad says "up" twice
+    assert good["K562_auroc_paper"] == 1.0 and good["RPE1_auroc_paper"] is None
+    assert pl.read_csv(out).row(1, named=True)["K562_auroc_paper"] == 0.5
 
 
 def test_table3_metrics_ci_and_unseen(workdir):
@@ -220,7 +241,8 @@ def test_table3_metrics_ci_and_unseen(workdir):
     assert bad_all["accuracy"] == pytest.approx(3 / 6) and bad_all["mcc"] == 0.0
     reported = t.filter(pl.col("kind") == "reported").row(0, named=True)
     assert reported["row"] == "X" and reported["accuracy"] == 0.5 and reported["n"] is None
-    assert reported["source"] == "paper table 3"
+    assert reported["source"] == "paper table 3" and reported["paper"] == "P"
+    assert t.columns[-2:] == ["paper", "source"]
 
     ci = pl.read_csv(workdir / "out" / "table3_ci.csv")
     assert ci.height == 2 * 3 * len(METRIC_NAMES)
@@ -289,16 +311,41 @@ def test_packaged_reported_numbers_are_sourced():
     ]
     assert reported["source"].null_count() == 0 and (reported["source"].str.len_chars() > 20).all()
     assert reported["value"].is_between(0, 1).all()
-    assert set(reported["metric"]) <= {"auroc_per_gene", *METRIC_NAMES}
+    assert set(reported["metric"]) <= {"auroc_per_gene", "auroc_as_reported", *METRIC_NAMES}
+    assert not reported.drop("value", "source").is_duplicated().any()
     for table in (1, 2):
         part = reported.filter(pl.col("table") == table)
-        assert part.height == 9 * 4 and not part.select("model", "cell").is_duplicated().any()
+        perturbqa = part.filter(pl.col("paper").str.starts_with("PerturbQA"))
+        assert perturbqa.height == 9 * 4 and set(perturbqa["metric"]) == {"auroc_per_gene"}
+        # the SynthPert paper's AUROC is of unknown kind: never filed as per-gene or pooled
+        synthpert = part.filter(pl.col("paper").str.starts_with("SynthPert"))
+        assert set(synthpert["metric"]) == {"auroc_as_reported"}
+        assert synthpert.height == (9 if table == 1 else 8) * 4
+    for table, split in ((3, "default"), (4, "rpe1_holdout")):
+        part = reported.filter(pl.col("table") == table)
+        assert set(part["split"]) == {split} and set(part["cell"]) == {"all"}
+        assert set(part["model"]) == {"Base LLM", "SFT on data", "o4-mini", "SynthPert"}
+    headline = reported.filter((pl.col("model") == "SynthPert") & (pl.col("metric") == "accuracy"))
+    assert dict(zip(headline["table"], headline["value"])) == {3: 0.89, 4: 0.87}
     summer = reported.filter((pl.col("table") == 1) & (pl.col("model") == "SUMMER"))
-    assert dict(zip(summer["cell"], summer["value"])) == {
-        "k562": 0.62,
-        "rpe1": 0.59,
-        "hepg2": 0.62,
-        "jurkat": 0.59,
+    by_paper = {
+        paper: dict(zip(part["cell"], part["value"]))
+        for (paper,), part in summer.group_by("paper", maintain_order=True)
+    }
+    assert by_paper == {
+        "PerturbQA (Wu et al., ICLR 2025)": {
+            "k562": 0.62,
+            "rpe1": 0.59,
+            "hepg2": 0.62,
+            "jurkat": 0.59,
+        },
+        # the SynthPert paper's copy differs in the second decimal (see REPORTED.md)
+        "SynthPert (Phillips et al., 2025, arXiv:2509.25346v1)": {
+            "k562": 0.6,
+            "rpe1": 0.58,
+            "hepg2": 0.61,
+            "jurkat": 0.58,
+        },
     }
 
 

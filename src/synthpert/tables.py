@@ -1,9 +1,15 @@
 """Tables 1-4 of the paper from the predictions of every model row.
 
-- Table 1 (DE) and table 2 (direction): AUROC per cell line, both PerturbQA's per-gene
-  AUROC (`{Cell}_auroc_per_gene`, with the genes averaged `{Cell}_n_genes`) and one
-  pooled AUROC (`{Cell}_auroc_pooled`, with its tuples `{Cell}_n`). Scores: `score_de`
-  of the `de3` rows against label != 0; `score_up` of the `dir` rows against label == 2.
+- Table 1 (DE) and table 2 (direction): AUROC per cell line under three views.
+  PerturbQA's per-gene AUROC (`{Cell}_auroc_per_gene`, with the genes averaged
+  `{Cell}_n_genes`) and one pooled AUROC (`{Cell}_auroc_pooled`, with its tuples
+  `{Cell}_n`) rank the scores: `score_de` of the `de3` rows against label != 0; `score_up`
+  of the `dir` rows against label == 2. The SynthPert paper's protocol
+  (`{Cell}_auroc_paper`, same `{Cell}_n` tuples) pools the hard answers mapped to 1 / 0 /
+  0.5 (`metrics.auroc_paper`); `{Cell}_auroc_paper_subsets_mean` / `_sd` repeat it on three
+  seeded random 20% subsets of `{Cell}_n_subset` tuples each. Reported rows of the
+  SynthPert paper carry `{Cell}_auroc_as_reported`: its caption says per gene, its code
+  pools hard labels, so that number is neither of our columns.
 - Table 3 (default split) and table 4 (a `{cell}_holdout` split, that cell only):
   three-class precision/recall/F1 per class, accuracy, macro-F1, balanced accuracy and
   MCC of the `de3` answers (unparsed answers count as wrong), per row for every cell
@@ -13,8 +19,8 @@
   `n_all` is the count before that filter).
 
 Every table has `kind`: `computed` rows come from predictions; `reported` rows are the
-published numbers of `published/reported.csv` (with their `source`), appended below and never
-mixed into computed rows; a metric a paper does not report is empty.
+published numbers of `published/reported.csv` (with their `paper` and `source`), appended
+below and never mixed into computed rows; a metric a paper does not report is empty.
 
 The questions file is the truth: every row must answer every question (a `de3` row per
 question and a `dir` row per differentially expressed one), with the same label.
@@ -33,6 +39,8 @@ from synthpert.cli import CommandError, settings_type
 from synthpert.io import PREDICTION_COLUMNS, read_parquet_columns, write_csv
 from synthpert.labels import CELLS, NOT_DE, UP, display_cell
 from synthpert.metrics import (
+    auroc_paper,
+    auroc_paper_subsets,
     auroc_per_gene,
     auroc_pooled,
     bootstrap_three_class,
@@ -151,8 +159,14 @@ def _score_source(frame: pl.DataFrame) -> str:
 # ---------------------------------------------------------------- tables 1 and 2
 
 
-def auroc_table(preds: pl.DataFrame, task: str, split: str, rows: list[str]) -> pl.DataFrame:
-    """Wide AUROC table: one line per row, per-gene and pooled AUROC per cell line."""
+def auroc_table(
+    preds: pl.DataFrame, task: str, split: str, rows: list[str], seed: int = DEFAULT_SEED
+) -> pl.DataFrame:
+    """Wide AUROC table: one line per row, the three AUROC views per cell line.
+
+    Tuples are sorted by `qid` before the seeded subsets are drawn, so every row is scored on
+    the same subsets.
+    """
     score, positive = (
         ("score_de", pl.col("label") != NOT_DE)
         if task == "de3"
@@ -171,21 +185,31 @@ def auroc_table(preds: pl.DataFrame, task: str, split: str, rows: list[str]) -> 
             "score_source": _score_source(mine),
         }
         for cell in ordered_cells(preds):
-            part = mine.filter(pl.col("cell") == cell)
+            part = mine.filter(pl.col("cell") == cell).sort("qid")
             truth = part.select(positive).to_series()
             per_gene = auroc_per_gene(part["gene"], truth, part[score])
             pooled = auroc_pooled(truth, part[score])
+            paper = auroc_paper(truth, part["pred"], task)
+            subsets = auroc_paper_subsets(truth, part["pred"], task, seed)
             name = display_cell(cell)
             record[f"{name}_auroc_per_gene"] = _nan_to_none(per_gene.value)
             record[f"{name}_n_genes"] = per_gene.n_genes
             record[f"{name}_auroc_pooled"] = _nan_to_none(pooled.value)
+            record[f"{name}_auroc_paper"] = _nan_to_none(paper.value)
             record[f"{name}_n"] = pooled.n
+            record[f"{name}_auroc_paper_subsets_mean"] = _nan_to_none(subsets.mean)
+            record[f"{name}_auroc_paper_subsets_sd"] = _nan_to_none(subsets.sd)
+            record[f"{name}_n_subset"] = subsets.n
         records.append(record)
     return pl.DataFrame(records, infer_schema_length=None)
 
 
 def reported_auroc_rows(reported: pl.DataFrame) -> pl.DataFrame:
-    """Reported AUROCs laid out like `auroc_table` (`{Cell}_{metric}` columns)."""
+    """Reported AUROCs laid out like `auroc_table` (`{Cell}_{metric}` columns).
+
+    The metric is the one the paper printed: `auroc_per_gene` lands beside ours,
+    `auroc_as_reported` in a column of its own; nothing is renamed into a view we compute.
+    """
     if reported.height == 0:
         return pl.DataFrame()
     wide = (
@@ -194,7 +218,12 @@ def reported_auroc_rows(reported: pl.DataFrame) -> pl.DataFrame:
             + "_"
             + pl.col("metric")
         )
-        .pivot(on="column", index=["split", "model", "source"], values="value", maintain_order=True)
+        .pivot(
+            on="column",
+            index=["split", "model", "paper", "source"],
+            values="value",
+            maintain_order=True,
+        )
         .rename({"model": "row"})
     )
     return wide.with_columns(kind=pl.lit("reported"))
@@ -276,7 +305,7 @@ def reported_class_rows(reported: pl.DataFrame) -> pl.DataFrame:
     return (
         reported.pivot(
             on="metric",
-            index=["split", "model", "cell", "source"],
+            index=["split", "model", "cell", "paper", "source"],
             values="value",
             maintain_order=True,
         )
@@ -301,10 +330,12 @@ def build(
     `evaluate` is the config section: `rows` (order), `bootstrap`, `sample.seed`.
     """
     rows = _row_order(preds, evaluate)
+    seed = int(evaluate.get("sample", {}).get("seed", DEFAULT_SEED))
     if table in (1, 2):
-        computed = auroc_table(preds, "de3" if table == 1 else "dir", split, rows)
+        computed = auroc_table(preds, "de3" if table == 1 else "dir", split, rows, seed)
         leading = ["split", "kind", "row", "score_source"]
-        return {"": _with_reported(computed, reported_auroc_rows(reported), leading)}
+        frame = _with_reported(computed, reported_auroc_rows(reported), leading)
+        return {"": _cells_together(frame, leading)}
     if splits is None:
         raise CommandError(f"table {table} needs --splits-file (for the unseen-perturbation table)")
     if table == 4:
@@ -316,7 +347,6 @@ def build(
     else:
         cells, pooled = ordered_cells(preds), True
     n_boot = int(evaluate.get("bootstrap", 1000))
-    seed = int(evaluate.get("sample", {}).get("seed", DEFAULT_SEED))
     leading = ["split", "kind", "row", "cell", "n", "n_unparsed"]
     main = three_class_table(preds, split, rows, cells, pooled)
     unseen = unseen_only(preds, splits)
@@ -334,12 +364,23 @@ def build(
 def _with_reported(
     computed: pl.DataFrame, reported: pl.DataFrame, leading: list[str]
 ) -> pl.DataFrame:
-    """Computed rows, then reported rows, columns aligned; `source` last."""
+    """Computed rows, then reported rows, columns aligned; `paper` and `source` last."""
     frame = pl.concat([computed, reported], how="diagonal_relaxed") if reported.height else computed
-    if "source" not in frame.columns:
-        frame = frame.with_columns(source=pl.lit(None, dtype=pl.String))
-    rest = [c for c in frame.columns if c not in leading and c != "source"]
-    return frame.select([c for c in leading if c in frame.columns] + rest + ["source"])
+    trailing = ["paper", "source"]
+    frame = frame.with_columns(
+        pl.lit(None, dtype=pl.String).alias(c) for c in trailing if c not in frame.columns
+    )
+    rest = [c for c in frame.columns if c not in leading and c not in trailing]
+    return frame.select([c for c in leading if c in frame.columns] + rest + trailing)
+
+
+def _cells_together(frame: pl.DataFrame, leading: list[str]) -> pl.DataFrame:
+    """Keep each cell line's columns side by side (a reported-only column such as
+    `K562_auroc_as_reported` joins its cell line instead of trailing the table)."""
+    middle = [c for c in frame.columns if c not in leading and c not in ("paper", "source")]
+    cells = list(dict.fromkeys(c.split("_", 1)[0] for c in middle))
+    grouped = [c for cell in cells for c in middle if c.split("_", 1)[0] == cell]
+    return frame.select([c for c in leading if c in frame.columns] + grouped + ["paper", "source"])
 
 
 def _nan_to_none(value):
