@@ -73,8 +73,11 @@ def all_targets():
         "results/table2.csv",
         "results/table3.csv",
     ]
+    views = ["1", "2", "3"]
     if HOLDOUT_TABLE_SPLIT in SPLITS:
         targets.append("results/table4.csv")
+        views.append("4")
+    targets += expand("results/plots/views_table{n}.png", n=views)
     for split in SPLITS:
         targets += [
             f"results/plots/{split}/roc_de3.png",

@@ -145,3 +145,23 @@ rule plot_confusion:
         "../envs/evaluate.yaml"
     shell:
         "python -m synthpert plots confusion --predictions {input} --out {output} 2> {log}"
+
+
+rule plot_views:
+    input:
+        "results/table{n}.csv",
+    output:
+        report(
+            "results/plots/views_table{n}.png",
+            category="Metric views",
+            labels={"table": "{n}"},
+            caption="../report/views.rst",
+        ),
+    log:
+        "logs/plots/views_table{n}.log",
+    wildcard_constraints:
+        n="[1-4]",
+    conda:
+        "../envs/evaluate.yaml"
+    shell:
+        "python -m synthpert plots views --table-file {input} --out {output} 2> {log}"

@@ -19,7 +19,8 @@ import pytest
 
 from synthpert.cli import main as cli_main
 from synthpert.metrics import METRIC_NAMES
-from synthpert.tables import default_reported_path
+from synthpert.plots import confusion_figure, views_figure
+from synthpert.tables import default_reported_path, load_predictions
 
 QUESTIONS = [
     (0, "k562", "T1", "gA", 0),
@@ -375,3 +376,33 @@ def test_plots_write_pngs(workdir):
         )
         == 1
     )
+
+
+def test_views_plots_of_tables_1_to_4_and_a_confusion_grid(workdir):
+    out = workdir / "plots"
+    for table, split in ((1, "default"), (2, "default"), (3, "default"), (4, "rpe1_holdout")):
+        code, csv_path = run_tables(workdir, table, split=split)
+        assert code == 0
+        png = out / f"views_table{table}.png"
+        assert cli_main(["plots", "views", "--table-file", str(csv_path), "--out", str(png)]) == 0
+        assert png.read_bytes()[:4] == b"\x89PNG"
+    # one panel per cell line (tables 1-2), per printed metric (tables 3-4)
+    t1 = pl.read_csv(workdir / "out" / "table1.csv", infer_schema_length=None)
+    assert len([ax for ax in views_figure(t1, "t1").axes if ax.get_visible()]) == 2
+    t4 = pl.read_csv(workdir / "out" / "table4.csv", infer_schema_length=None)
+    axes = [ax for ax in views_figure(t4, "t4").axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["accuracy", "f1_not_de", "f1_down", "f1_up"]
+    labels = [t.get_text() for t in axes[0].get_yticklabels()]
+    assert labels == ["good", "bad"]  # table 4: the held-out cell line's rows
+    bad = workdir / "bad_table.csv"
+    pl.DataFrame({"kind": ["computed"], "row": ["x"], "n": [1]}).write_csv(bad)
+    assert cli_main(["plots", "views", "--table-file", str(bad), "--out", str(out / "x.png")]) == 1
+
+    # eight model rows: a grid three panels wide, not a strip of eight
+    files = [str(p) for p in (workdir / "predictions" / "default").rglob("*.parquet")]
+    preds = load_predictions(files)
+    many = pl.concat([preds.with_columns(row=pl.lit(f"row{i}")) for i in range(8)])
+    fig = confusion_figure(many)
+    width, height = fig.get_size_inches()
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == 8
+    assert width == pytest.approx(3 * 3.6) and height == pytest.approx(3 * 3.4)

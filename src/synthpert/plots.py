@@ -5,7 +5,13 @@ Sub-actions of `synthpert plots`:
   a curve per model row (pooled over the cell line's tuples; legend gives the pooled and
   PerturbQA's per-gene AUROC).
 - `confusion`: three-class confusion matrix per model row (rows: truth; columns:
-  prediction and "unparsed"), row-normalised colours with counts written in.
+  prediction and "unparsed"), row-normalised colours with counts written in; a grid of
+  panels, so that many rows stay readable at page width.
+- `views`: one of tables 1-4 as a dot plot, a line per row, the published numbers marked.
+  Tables 1-2: a panel per cell line with the three AUROC views of each computed row (per
+  gene, pooled from scores, the paper's protocol with its 20% subsets' mean +- SD) and the
+  reported rows' printed numbers. Tables 3-4: a panel per printed metric (accuracy, F1 per
+  class) of the pooled (`all`) or held-out cell line.
 - `grades`: critic grade counts per cell line, from a CSV with columns `grade, cell, n`.
 - `loss`: training loss against step, a line per `train_log.csv` (`step, loss`),
   labelled by the two folders holding it (`{split}/{variant}`).
@@ -16,6 +22,7 @@ Figures are built with matplotlib's object API (no pyplot state, no display need
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
@@ -73,13 +80,23 @@ def roc_figure(preds: pl.DataFrame, task: str) -> Figure:
     return fig
 
 
-def confusion_figure(preds: pl.DataFrame) -> Figure:
+def _grid(fig: Figure, n: int, ncols: int):
+    """`n` axes on a grid of `ncols` columns (unused cells hidden), row-major."""
+    nrows = math.ceil(n / ncols)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return axes[:n]
+
+
+def confusion_figure(preds: pl.DataFrame, ncols: int = 3) -> Figure:
     """One three-class confusion matrix per model row, pooled over cell lines."""
     rows = sorted(preds["row"].unique().to_list())
     if not rows:
         raise CommandError("no predictions to plot")
-    fig = Figure(figsize=(4.0 * len(rows), 3.8), layout="constrained")
-    axes = fig.subplots(1, len(rows), squeeze=False)[0]
+    ncols = min(ncols, len(rows))
+    fig = Figure(figsize=(3.6 * ncols, 3.4 * math.ceil(len(rows) / ncols)), layout="constrained")
+    axes = _grid(fig, len(rows), ncols)
     names = [CLASS_KEYS[c] for c in CLASSES]
     for ax, row in zip(axes, rows):
         part = preds.filter((pl.col("row") == row) & (pl.col("task") == "de3"))
@@ -101,6 +118,148 @@ def confusion_figure(preds: pl.DataFrame) -> Figure:
         ax.set_yticks(range(cm.shape[0]), names)
         ax.set(title=f"{row} (n={int(cm.sum())})", xlabel="predicted", ylabel="true")
     return fig
+
+
+# Tables 1-2: column suffix -> (legend label, marker style) of the computed AUROC views ...
+AUROC_VIEWS = {
+    "auroc_per_gene": ("per gene (PerturbQA's metric)", {"marker": "o", "color": "C0"}),
+    "auroc_pooled": ("pooled, from scores", {"marker": "s", "color": "C1"}),
+    "auroc_paper": (
+        "paper protocol (hard answers 1/0/0.5, pooled)",
+        {"marker": "D", "color": "C2"},
+    ),
+}
+# ... and of the numbers a paper printed (reported rows).
+PRINTED = {
+    "auroc_per_gene": (
+        "printed, per gene (PerturbQA)",
+        {"marker": "o", "facecolor": "none", "edgecolor": "C0", "s": 60},
+    ),
+    "auroc_as_reported": ("printed by the SynthPert paper", {"marker": "*", "color": "k", "s": 90}),
+}
+CLASS_VIEW_METRICS = ("accuracy", "f1_not_de", "f1_down", "f1_up")
+
+
+def views_figure(table: pl.DataFrame, title: str) -> Figure:
+    """Tables 1-2 (AUROC views per cell line) or 3-4 (printed three-class metrics)."""
+    for column in ("kind", "row"):
+        if column not in table.columns:
+            raise CommandError(f"table lacks column {column!r}; expected a table1-4 CSV")
+    if any(c.endswith("_auroc_pooled") or c.endswith("_auroc_as_reported") for c in table.columns):
+        return _auroc_views(table, title)
+    if "accuracy" in table.columns and "cell" in table.columns:
+        return _class_views(table, title)
+    raise CommandError("table has neither AUROC columns (tables 1-2) nor accuracy (tables 3-4)")
+
+
+def _line_labels(table: pl.DataFrame) -> tuple[list[str], pl.DataFrame]:
+    """One y line per computed row, and one per reported model (both papers' copies of a
+    model share its line); `line` is added to `table`."""
+    frame = table.with_columns(
+        line=pl.when(pl.col("kind") == "reported")
+        .then(pl.col("row") + " (reported)")
+        .otherwise(pl.col("row"))
+    )
+    return list(dict.fromkeys(frame["line"].to_list())), frame
+
+
+def _auroc_views(table: pl.DataFrame, title: str, ncols: int = 2) -> Figure:
+    lines, frame = _line_labels(table)
+    cells = list(dict.fromkeys(c.split("_auroc_", 1)[0] for c in frame.columns if "_auroc_" in c))
+    y = {line: i for i, line in enumerate(lines)}
+    ncols = min(ncols, len(cells))
+    height = max(3.0, 0.26 * len(lines) + 1.2)
+    fig = Figure(
+        figsize=(5.6 * ncols, height * math.ceil(len(cells) / ncols) + 0.8), layout="constrained"
+    )
+    axes = _grid(fig, len(cells), ncols)
+    computed = frame.filter(pl.col("kind") == "computed")
+    reported = frame.filter(pl.col("kind") == "reported")
+    for ax, cell in zip(axes, cells):
+        for offset, (suffix, (label, style)) in zip((-0.2, 0.0, 0.2), AUROC_VIEWS.items()):
+            part = _points(computed, f"{cell}_{suffix}")
+            ax.scatter(part[1], [y[line] + offset for line in part[0]], label=label, **style)
+        mean, sd = f"{cell}_auroc_paper_subsets_mean", f"{cell}_auroc_paper_subsets_sd"
+        if mean in computed.columns and sd in computed.columns:
+            sub = computed.select("line", pl.col(mean, sd).cast(pl.Float64)).drop_nulls(mean)
+            ax.errorbar(
+                sub[mean].to_numpy(),
+                [y[line] + 0.32 for line in sub["line"]],
+                xerr=sub[sd].fill_null(0).to_numpy(),
+                fmt="|",
+                color="C2",
+                alpha=0.6,
+                label="paper protocol, 3 random 20% subsets (mean +- SD)",
+            )
+        for suffix, (label, style) in PRINTED.items():
+            part = _points(reported, f"{cell}_{suffix}")
+            ax.scatter(part[1], [y[line] for line in part[0]], label=label, zorder=3, **style)
+        ax.axvline(0.5, color="grey", linestyle=":", linewidth=1)
+        _line_axis(ax, lines, frame)
+        ax.set(title=cell, xlabel="AUROC")
+    _shared_legend(fig, axes)
+    fig.suptitle(title)
+    return fig
+
+
+def _class_views(table: pl.DataFrame, title: str, ncols: int = 2) -> Figure:
+    # Computed rows pooled over cell lines (table 3) or of the held-out one (table 4); the
+    # papers' rows are pooled over the cell lines they evaluated.
+    computed = table.filter(pl.col("kind") == "computed")
+    cells = computed["cell"].unique(maintain_order=True).to_list()
+    cell = "all" if "all" in cells or not cells else cells[0]
+    lines, frame = _line_labels(
+        table.filter((pl.col("kind") == "reported") | (pl.col("cell") == cell))
+    )
+    metrics = [m for m in CLASS_VIEW_METRICS if m in frame.columns]
+    y = {line: i for i, line in enumerate(lines)}
+    height = max(3.0, 0.26 * len(lines) + 1.2)
+    fig = Figure(
+        figsize=(5.6 * ncols, height * math.ceil(len(metrics) / ncols) + 0.8),
+        layout="constrained",
+    )
+    axes = _grid(fig, len(metrics), ncols)
+    for ax, metric in zip(axes, metrics):
+        for kind, label, style in (
+            ("computed", "computed", {"marker": "o", "color": "C0"}),
+            ("reported", "printed by a paper", {"marker": "*", "color": "k", "s": 90}),
+        ):
+            part = _points(frame.filter(pl.col("kind") == kind), metric)
+            ax.scatter(part[1], [y[line] for line in part[0]], label=label, **style)
+        _line_axis(ax, lines, frame)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set(title=metric, xlabel=metric)
+    _shared_legend(fig, axes)
+    fig.suptitle(f"{title} (cell line: {cell})")
+    return fig
+
+
+def _line_axis(ax, lines: list[str], frame: pl.DataFrame) -> None:
+    """Row labels top to bottom, a rule between this run's rows and the papers' rows."""
+    ax.set_yticks(range(len(lines)), lines, fontsize=8)
+    ax.set_ylim(len(lines) - 0.5, -0.5)
+    ax.grid(axis="x", alpha=0.3)
+    n_computed = frame.filter(pl.col("kind") == "computed")["line"].n_unique()
+    if 0 < n_computed < len(lines):
+        ax.axhline(n_computed - 0.5, color="grey", linewidth=0.8)
+
+
+def _points(frame: pl.DataFrame, column: str) -> tuple[list[str], np.ndarray]:
+    """(line labels, values) of the non-empty cells of `column` (none if it is absent)."""
+    if column not in frame.columns:
+        return [], np.array([])
+    values = frame.select("line", pl.col(column).cast(pl.Float64)).drop_nulls().drop_nans()
+    return values["line"].to_list(), values[column].to_numpy()
+
+
+def _shared_legend(fig: Figure, axes) -> None:
+    """One legend below the panels, each label once."""
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    if seen:
+        fig.legend(seen.values(), seen.keys(), loc="outside lower center", ncols=2, fontsize=8)
 
 
 def grades_figure(grades: pl.DataFrame) -> Figure:
@@ -153,6 +312,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     roc.add_argument("--predictions", nargs="+", required=True, type=Path)
     cm = sub.add_parser("confusion", help="three-class confusion matrix per model row")
     cm.add_argument("--predictions", nargs="+", required=True, type=Path)
+    views = sub.add_parser(
+        "views", help="a table 1-4 CSV as a dot plot per cell line or metric, papers marked"
+    )
+    views.add_argument("--table-file", required=True, type=Path, help="results/table{n}.csv")
     grades = sub.add_parser("grades", help="critic grade distribution")
     grades.add_argument(
         "--grades", required=True, type=Path, help="CSV with columns grade, cell, n"
@@ -161,7 +324,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loss.add_argument(
         "--logs", nargs="+", required=True, type=Path, help="train_log.csv files (step, loss)"
     )
-    for action in (roc, cm, grades, loss):
+    for action in (roc, cm, views, grades, loss):
         action.add_argument("--out", required=True, type=Path, help="PNG to write")
 
 
@@ -170,6 +333,9 @@ def main(args: argparse.Namespace) -> None:
         fig = roc_figure(load_predictions(args.predictions), args.task)
     elif args.action == "confusion":
         fig = confusion_figure(load_predictions(args.predictions))
+    elif args.action == "views":
+        table = _read_csv(args.table_file, infer_schema_length=None)
+        fig = views_figure(table, _view_title(args.table_file.stem))
     elif args.action == "grades":
         fig = grades_figure(_read_csv(args.grades))
     else:
@@ -177,7 +343,17 @@ def main(args: argparse.Namespace) -> None:
     save(fig, args.out)
 
 
-def _read_csv(path: Path) -> pl.DataFrame:
+def _view_title(stem: str) -> str:
+    what = {
+        "table1": "Table 1: differential expression AUROC, three views",
+        "table2": "Table 2: direction AUROC, three views",
+        "table3": "Table 3: three-class answers, default split",
+        "table4": "Table 4: three-class answers, held-out cell line",
+    }
+    return what.get(stem, stem)
+
+
+def _read_csv(path: Path, **options) -> pl.DataFrame:
     if not path.is_file():
         raise CommandError(f"file not found: {path}")
-    return pl.read_csv(path)
+    return pl.read_csv(path, **options)
