@@ -8,7 +8,7 @@ import pytest
 
 from synthpert.backend_local import LocalBackend
 from synthpert.cli import CommandError
-from synthpert.llm import Request, RequestLog, SpendingGuard
+from synthpert.llm import Request, RequestLog, SpendingGuard, adapter_digest
 
 pytestmark = pytest.mark.slow
 
@@ -128,7 +128,7 @@ def test_lora_adapter_is_loaded(embedded_model, backend, tmp_path):
 
     tuned = LocalBackend({"backend": "local", "model": str(embedded_model)}, adapter=str(tmp_path / "adapter"))
     assert isinstance(tuned.lm, PeftModel)
-    assert tuned.model != backend.model and "adapter=" in tuned.model  # no shared answers
+    assert tuned.model == f"{backend.model}|adapter:{adapter_digest(tmp_path / 'adapter')}"  # no shared answers
     request = chat("Hi", max_new_tokens=4)
     answer = tuned.run([request], RequestLog(tmp_path / "log.jsonl"))[request.key(tuned.model)]
     # A fresh LoRA starts with B = 0: the same greedy answer as the base model.
@@ -147,6 +147,6 @@ def test_chat_template_file_replaces_the_tokenizer_one(embedded_model, backend, 
     )
     plain = LocalBackend({"backend": "local", "model": str(embedded_model), "chat_template": str(template)})
     assert plain.render(chat("Hi")) == "[user] Hi\n[assistant] "
-    assert plain.model != backend.model and "template=" in plain.model
+    assert plain.model != backend.model and plain.model.split("|")[0] == backend.model.split("|")[0]
     with pytest.raises(CommandError, match="does not exist"):
         LocalBackend({"backend": "local", "model": str(embedded_model), "chat_template": str(tmp_path / "no.jinja")})

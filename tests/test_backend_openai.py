@@ -17,7 +17,7 @@ from fake_openai import FakeOpenAI, default_answer, hang, rate_limited, rejected
 
 from synthpert.backend_openai import OpenAIBackend
 from synthpert.cli import CommandError
-from synthpert.llm import Request, RequestLog, SpendingGuard, make_backend
+from synthpert.llm import Request, RequestLog, SpendingGuard, make_backend, api_identity
 
 KEY_ENV = "SYNTHPERT_TEST_OPENAI_KEY"
 SENTINEL = "sk-SENTINEL-7f3a9c1e-never-write-me"
@@ -70,7 +70,7 @@ def test_answers_are_logged_with_usage(server, tmp_path):
     results = fast_backend(spec_for(server)).run(requests, log)
     assert len(results) == 5
     for request in requests:
-        response = results[request.key("fake-model")]
+        response = results[request.key(api_identity(spec_for(server)))]
         assert response.text == default_answer(request.messages[-1][1])
         assert response.finish_reason == "stop" and response.tag == request.tag
         assert response.prompt_tokens == 3 and response.completion_tokens == 1
@@ -124,7 +124,7 @@ def test_malformed_and_truncated_answers_are_recorded_as_they_are(server, tmp_pa
     server.script("q1", reply("<think>cut off", finish_reason="length"))
     requests = questions(2)
     results = fast_backend(spec_for(server)).run(requests, RequestLog(tmp_path / "log.jsonl"))
-    first, second = (results[r.key("fake-model")] for r in requests)
+    first, second = (results[r.key(api_identity(spec_for(server)))] for r in requests)
     assert (first.text, first.finish_reason) == ("no tags at all", "stop")
     assert (second.text, second.finish_reason) == ("<think>cut off", "length")
 
@@ -136,7 +136,7 @@ def test_final_failures_are_recorded_once_and_not_resent(server, tmp_path):
     backend = fast_backend(spec_for(server, max_retries=2))
     requests = questions(3)
     results = backend.run(requests, RequestLog(path))
-    bad, exhausted, fine = (results[r.key("fake-model")] for r in requests)
+    bad, exhausted, fine = (results[r.key(api_identity(spec_for(server)))] for r in requests)
     assert bad.finish_reason == "error" and bad.error.startswith("http 400")
     assert exhausted.finish_reason == "error" and exhausted.error.startswith("gave up after 3 attempts: http 500")
     assert fine.finish_reason == "stop"
@@ -176,7 +176,7 @@ def test_key_never_reaches_the_log_or_the_messages(server, tmp_path, caplog):
     server.script("q1", server_error(500))
     path = tmp_path / "log.jsonl"
     results = fast_backend(spec_for(server)).run(questions(2), RequestLog(path))
-    rejected = results[questions(1)[0].key("fake-model")]
+    rejected = results[questions(1)[0].key(api_identity(spec_for(server)))]
     assert rejected.error.startswith("http 401") and "[api key]" in rejected.error
     assert SENTINEL in server.received[0]["auth"]  # it was sent ...
     assert SENTINEL not in path.read_text()  # ... but never written
@@ -188,7 +188,7 @@ CHILD = """
 import json, sys
 sys.path.insert(0, {tests!r})
 from test_backend_openai import questions, fast_backend
-from synthpert.llm import RequestLog
+from synthpert.llm import RequestLog, api_identity
 spec, log_path, n = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 fast_backend(spec).run(questions(n), RequestLog(log_path))
 """
@@ -232,7 +232,7 @@ def test_killed_run_resumes_without_resending_answers(tmp_path):
         results = fast_backend(spec).run(questions(n), RequestLog(path))
         resent = server.questions_received()[sent_before:]
 
-    by_question = {r.messages[-1][1]: r.key("fake-model") for r in questions(n)}
+    by_question = {r.messages[-1][1]: r.key(api_identity(spec_for(server))) for r in questions(n)}
     assert not {by_question[q] for q in resent} & answered_before  # nothing answered was sent again
     assert len(resent) == n - len(answered_before)
     assert keys_in_file(path) == Counter({key: 1 for key in by_question.values()})  # each exactly once
@@ -259,7 +259,7 @@ def test_batch_mode_resumes_the_submitted_batch(tmp_path):
     assert len(server.batch_creates) == 1  # picked up, not resubmitted
     assert server.batch_creates[0]["endpoint"] == "/v1/chat/completions" and batch_id == "batch-1"
     assert not sidecar.exists()
-    expected = {r.key("fake-model"): r for r in questions(n)}
+    expected = {r.key(api_identity(spec_for(server))): r for r in questions(n)}
     assert keys_in_file(path) == Counter({key: 1 for key in expected})
     for key, request in expected.items():
         assert results[key].text == default_answer(request.messages[-1][1])

@@ -12,13 +12,13 @@ is scored as log P(option + `</option_tag>` | prompt + context + `<option_tag>`)
 over its tokens, in one forward pass per request. With `max_new_tokens=0` nothing is
 generated and the options are scored right after the prefill (grading by likelihood).
 
-The model id used in content addresses names the adapter and a hash of a replaced chat
-template, so a base model and its fine-tuned variants never share answers.
+The model id in content addresses (`llm.local_identity`) names the weights, the adapter
+and the chat template by content, so a base model, its fine-tuned variants and a
+retrained adapter never share answers.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import sys
@@ -30,7 +30,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from synthpert.cli import CommandError
-from synthpert.llm import Request, RequestLog, Response, SpendingGuard, plan, resolve_local_model
+from synthpert.llm import Request, RequestLog, Response, SpendingGuard, local_identity, plan, resolve_local_model
 
 logger = logging.getLogger(__name__)
 
@@ -47,16 +47,6 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def model_id(spec: dict, adapter: str | None, template: str | None) -> str:
-    """The id that enters every request key: model, adapter and replaced chat template."""
-    parts = [spec["model"]]
-    if adapter is not None:
-        parts.append(f"adapter={adapter}")
-    if template is not None:
-        parts.append(f"template={hashlib.sha256(template.encode()).hexdigest()[:16]}")
-    return "+".join(parts)
-
-
 class LocalBackend:
     """A causal LM in this process; see the module docstring."""
 
@@ -70,17 +60,22 @@ class LocalBackend:
             template = template_path.read_text()
         if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
             raise CommandError(f"adapter folder {adapter} has no adapter_config.json (not a PEFT adapter)")
-        self.model = model_id(spec, None if adapter is None else str(adapter), template)
         self.batch_size = int(spec.get("batch_size", 8))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = pick_dtype(spec.get("dtype", "auto"), self.device)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            revision = spec.get("revision")
+            self.tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision)
         except OSError as err:
             raise CommandError(f"cannot load model {spec['model']!r} from {path}: {err}") from None
         if template is not None:
             self.tokenizer.chat_template = template
+        if not self.tokenizer.chat_template:
+            raise CommandError(f"model {spec['model']!r} has no chat template; set chat_template to a Jinja file")
+        self.model = local_identity(
+            spec["model"], spec.get("revision"), str(self.tokenizer.chat_template), str(dtype).removeprefix("torch."), adapter
+        )
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

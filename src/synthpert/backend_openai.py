@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from synthpert.cli import CommandError
 from synthpert.io import atomic_path
-from synthpert.llm import Request, RequestLog, Response, SpendingGuard, api_key, plan
+from synthpert.llm import Request, RequestLog, Response, SpendingGuard, api_identity, api_key, plan
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ class OpenAIBackend:
     poll_cap_s = 60.0
 
     def __init__(self, spec: dict) -> None:
-        self.model = spec["model"]
+        self.name = spec["model"]  # what the endpoint is asked for
+        self.model = api_identity(spec)  # what names its answers in the request keys
         self._key = api_key(spec)  # fails now, before any request, when the variable is unset
         self.base_url = spec.get("base_url")
         self.max_concurrency = int(spec.get("max_concurrency", 16))
@@ -106,7 +107,7 @@ class OpenAIBackend:
             http_log.setLevel(logging.WARNING)
 
     def __repr__(self) -> str:
-        return f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r})"
+        return f"OpenAIBackend(model={self.name!r}, base_url={self.base_url!r})"
 
     def run(
         self,
@@ -118,15 +119,15 @@ class OpenAIBackend:
         done, pending = plan(requests, self.model, log)
         for request in pending.values():
             if request.prefill:
-                raise CommandError(f"model {self.model!r}: prefill needs the local backend (request {request.tag!r})")
+                raise CommandError(f"model {self.name!r}: prefill needs the local backend (request {request.tag!r})")
             if request.max_new_tokens < 1:
-                raise CommandError(f"model {self.model!r}: max_new_tokens must be >= 1 (request {request.tag!r})")
+                raise CommandError(f"model {self.name!r}: max_new_tokens must be >= 1 (request {request.tag!r})")
         runner = self._run_batches if self.batch_api else self._run_live
         with tqdm(total=len(pending), desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True) as bar:
             try:
                 done.update(asyncio.run(runner(pending, log, guard, bar)))
             except openai.APIError as err:  # a Batch API call that failed for good
-                raise CommandError(f"model {self.model!r}: {self._describe(err)}") from None
+                raise CommandError(f"model {self.name!r}: {self._describe(err)}") from None
         return done
 
     # -- shared helpers ------------------------------------------------------------------
@@ -177,7 +178,7 @@ class OpenAIBackend:
 
     def _params(self, request: Request) -> dict:
         params: dict = {
-            "model": self.model,
+            "model": self.name,
             "messages": [{"role": role, "content": content} for role, content in request.messages],
             "max_completion_tokens": request.max_new_tokens,
         }
@@ -334,7 +335,7 @@ class OpenAIBackend:
         self._save_batches(log, [])
         if unanswered:
             raise CommandError(
-                f"model {self.model!r}: {unanswered} batch requests ended without an answer "
+                f"model {self.name!r}: {unanswered} batch requests ended without an answer "
                 f"(expired, cancelled or transient errors); rerun to submit them again"
             )
         return {key: response for key, response in results.items() if key in pending}
