@@ -2,6 +2,8 @@ import json
 import shlex
 
 from synthpert import config as cfg
+from synthpert import rows
+from synthpert import settings as step_settings
 from synthpert.embedded import embedded_dir, is_embedded
 
 cfg.check(config)
@@ -14,8 +16,8 @@ shell.prefix(f"set -euo pipefail; export PYTHONPATH={SRC}:${{{{PYTHONPATH:-}}}};
 
 SPLITS = cfg.splits(config)
 FILES = [f"{c}-{k}.csv" for c in config["data"]["cells"] for k in ("de", "dir")]
-LLM_ROWS = [r for r in config["evaluate"]["rows"] if r in cfg.LLM_ROWS]
-BASELINE_ROWS = [r for r in config["evaluate"]["rows"] if r not in cfg.LLM_ROWS]
+LLM_ROWS = [r for r in config["evaluate"]["rows"] if r in rows.LLM_ROWS]
+BASELINE_ROWS = [r for r in config["evaluate"]["rows"] if r not in rows.LLM_ROWS]
 HOLDOUT_TABLE_SPLIT = "rpe1_holdout"
 # critic_select always writes both plain variants; the balanced one only when trained.
 SFT_VARIANTS = ["synthpert", "sft_data"] + [
@@ -31,16 +33,30 @@ wildcard_constraints:
     row="|".join(config["evaluate"]["rows"]),
 
 
-def settings(*sections):
-    """The config sections a step needs, as one JSON argument (a step reruns only when
-    its own settings change)."""
-    return json.dumps({s: config[s] for s in sections}, sort_keys=True)
+def result_settings(step):
+    """What decides a step's output, as JSON (`synthpert.settings`): a job re-runs when it
+    changes. Use as `params: settings=result_settings(step)`."""
+    return lambda wildcards: step_settings.for_step(
+        config, step, **dict(wildcards.items())
+    ).params_json()
+
+
+def run_settings(step):
+    """How a step runs (concurrency, retries, batch sizes, caps, logging), as JSON. A
+    params function of `resources` counts as derived from the job's resources, so
+    Snakemake never re-runs a job because it changed. Use as `params: run=run_settings(step)`.
+    """
+    return lambda wildcards, resources: step_settings.for_step(
+        config, step, **dict(wildcards.items())
+    ).run_json()
 
 
 def model_files(name):
-    """The converted embedded model, when model `name` is the embedded one."""
-    model = config["models"][name]["model"]
-    return [str(embedded_dir(model))] if is_embedded(model) else []
+    """The files of model `name` a job reads: the converted embedded model, and a chat
+    template file (its content decides the prompts)."""
+    spec = config["models"][name]
+    files = [str(embedded_dir(spec["model"]))] if is_embedded(spec["model"]) else []
+    return files + ([spec["chat_template"]] if spec["chat_template"] else [])
 
 
 def trace_shards(wildcards):
@@ -95,12 +111,12 @@ def all_targets():
 
 def row_model(wildcards):
     """The embedded model a row needs, if any (the teacher row asks the teacher)."""
-    return model_files(cfg.row_model_name(wildcards.row, config))
+    return model_files(rows.row_model_name(wildcards.row, config))
 
 
 def row_adapter(wildcards):
     """The fine-tuned adapter of a trained row."""
-    if wildcards.row in cfg.TRAINED_ROWS:
+    if wildcards.row in rows.TRAINED_ROWS:
         return [f"results/models/{wildcards.split}/{wildcards.row}/adapter"]
     return []
 
@@ -127,25 +143,21 @@ def screen_split(wildcards):
 
 
 def screen_inputs(wildcards):
-    """The split table, the embedded model the screen's model needs, and the adapter of a
-    trained row (names resolve as in `synthpert ask`: `models:` first, then model rows).
-    """
-    model, split = wildcards.model, screen_split(wildcards)
-    if model in config["models"]:
-        name = model
-    elif model in cfg.LLM_ROWS:
-        name = cfg.row_model_name(model, config)
-    else:
-        raise ValueError(
-            f"screen model {model!r} is neither in models: {sorted(config['models'])} "
-            f"nor a model row {sorted(cfg.LLM_ROWS)}"
-        )
+    """The split table, the files of the screen's model, and the adapter of a trained row
+    (names resolve as in `synthpert ask`: `models:` first, then model rows)."""
+    split = screen_split(wildcards)
+    screen = step_settings.for_step(config, "screen", model=wildcards.model)
+    name = (
+        wildcards.model
+        if wildcards.model in config["models"]
+        else rows.row_model_name(wildcards.model, config)
+    )
     inputs = {
         "split_file": f"results/data/splits/{split}.parquet",
         "model": model_files(name),
     }
-    if model not in config["models"] and model in cfg.TRAINED_ROWS:
-        inputs["adapter"] = f"results/models/{split}/{model}/adapter"
+    if screen.trained:
+        inputs["adapter"] = f"results/models/{split}/{wildcards.model}/adapter"
     return inputs
 
 

@@ -8,8 +8,8 @@ rule fetch:
     conda:
         "../envs/data.yaml"
     params:
-        source=config["data"]["source"],
         sha256=lambda wildcards: config["data"]["sha256"][wildcards.file],
+        source=lambda wildcards, resources: config["data"]["source"],  # not a trigger: any mirror, same bytes
     shell:
         "python -m synthpert fetch --source {params.source:q} --name {wildcards.file} "
         "--sha256 {params.sha256} --out {output} 2> {log}"

@@ -8,10 +8,11 @@ rule questions:
     conda:
         "../envs/data.yaml"
     params:
-        settings=settings("evaluate"),
+        settings=result_settings("questions"),
+        run=run_settings("questions"),
     shell:
         "python -m synthpert questions --split-file {input} --settings {params.settings:q} "
-        "--out {output} 2> {log}"
+        "--run {params.run:q} --out {output} 2> {log}"
 
 
 rule predict:
@@ -28,14 +29,15 @@ rule predict:
     conda:
         "../envs/llm.yaml"
     params:
-        settings=settings("evaluate", "models", "traces", "train"),
+        settings=result_settings("predict"),
+        run=run_settings("predict"),
         adapter=lambda wildcards, input: (
             f"--adapter {input.adapter}" if input.adapter else ""
         ),
     shell:
         "python -m synthpert predict --questions {input.questions} --row {wildcards.row} "
         "--cell {wildcards.cell} --shard {wildcards.shard} --split {wildcards.split} "
-        "{params.adapter} --settings {params.settings:q} --out {output} 2> {log}"
+        "{params.adapter} --settings {params.settings:q} --run {params.run:q} --out {output} 2> {log}"
 
 
 rule baseline:
@@ -51,11 +53,12 @@ rule baseline:
     conda:
         "../envs/evaluate.yaml"
     params:
-        settings=settings("evaluate"),
+        settings=result_settings("baseline"),
+        run=run_settings("baseline"),
     shell:
         "python -m synthpert baseline --row {wildcards.row} --cell {wildcards.cell} "
         "--splits-file {input.split_file} --questions {input.questions} "
-        "--settings {params.settings:q} --out {output} 2> {log}"
+        "--settings {params.settings:q} --run {params.run:q} --out {output} 2> {log}"
 
 
 rule auroc_table:
@@ -72,7 +75,7 @@ rule auroc_table:
     conda:
         "../envs/evaluate.yaml"
     params:
-        settings=settings("evaluate"),
+        settings=result_settings("tables"),
         split=lambda wildcards: TABLE_SPLIT[wildcards.n],
     shell:
         "python -m synthpert tables --table {wildcards.n} --split {params.split} "
@@ -100,7 +103,7 @@ rule class_table:
     conda:
         "../envs/evaluate.yaml"
     params:
-        settings=settings("evaluate"),
+        settings=result_settings("tables"),
         split=lambda wildcards: TABLE_SPLIT[wildcards.n],
     shell:
         "python -m synthpert tables --table {wildcards.n} --split {params.split} "

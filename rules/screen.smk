@@ -19,9 +19,10 @@ rule screen:
     conda:
         "../envs/llm.yaml"
     params:
-        settings=settings("models", "evaluate", "traces", "train"),
+        settings=result_settings("screen"),
+        run=run_settings("screen"),
         split=screen_split,
     shell:
         "python -m synthpert screen --model {wildcards.model} --cell {wildcards.cell} "
         "--pert {wildcards.pert:q} --split {params.split} --all-measured --results results "
-        "--settings {params.settings:q} --out {output.csv} 2> {log}"
+        "--settings {params.settings:q} --run {params.run:q} --out {output.csv} 2> {log}"

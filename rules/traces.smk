@@ -8,10 +8,11 @@ rule trace_sample:
     conda:
         "../envs/data.yaml"
     params:
-        settings=settings("traces"),
+        settings=result_settings("trace_sample"),
+        run=run_settings("trace_sample"),
     shell:
         "python -m synthpert traces sample --split-file {input} --settings {params.settings:q} "
-        "--out {output} 2> {log}"
+        "--run {params.run:q} --out {output} 2> {log}"
 
 
 rule traces:
@@ -26,10 +27,12 @@ rule traces:
     conda:
         "../envs/llm.yaml"
     params:
-        settings=settings("traces", "models"),
+        settings=result_settings("traces"),
+        run=run_settings("traces"),
     shell:
         "python -m synthpert traces run --sample {input.sample} --cell {wildcards.cell} "
-        "--shard {wildcards.shard} --settings {params.settings:q} --out {output.traces} 2> {log}"
+        "--shard {wildcards.shard} --settings {params.settings:q} --run {params.run:q} "
+        "--out {output.traces} 2> {log}"
 
 
 rule critic_grade:
@@ -43,10 +46,11 @@ rule critic_grade:
     conda:
         "../envs/llm.yaml"
     params:
-        settings=settings("critic", "models"),
+        settings=result_settings("critic_grade"),
+        run=run_settings("critic_grade"),
     shell:
         "python -m synthpert critic grade --traces {input.traces} --settings {params.settings:q} "
-        "--out {output} 2> {log}"
+        "--run {params.run:q} --out {output} 2> {log}"
 
 
 rule critic_select:
@@ -61,12 +65,12 @@ rule critic_select:
     conda:
         "../envs/data.yaml"
     params:
-        settings=settings("critic", "traces"),
+        settings=result_settings("critic_select"),
+        run=run_settings("critic_select"),
         out_dir="results/sft/{split}",
-        balanced="--balanced" if "synthpert_balanced" in SFT_VARIANTS else "",
     shell:
         "python -m synthpert critic select --grades {input} --split {wildcards.split} "
-        "--settings {params.settings:q} --out-dir {params.out_dir} {params.balanced} 2> {log}"
+        "--settings {params.settings:q} --run {params.run:q} --out-dir {params.out_dir} 2> {log}"
 
 
 rule plot_grades:

@@ -2,6 +2,7 @@ rule train:
     input:
         data="results/sft/{split}/{variant}.parquet",
         model=model_files(config["train"]["model"]),
+        template=config["train"]["chat_template"] or [],
     output:
         adapter=directory("results/models/{split}/{variant}/adapter"),
         log_csv="results/models/{split}/{variant}/train_log.csv",
@@ -20,9 +21,10 @@ rule train:
     resources:
         gpu=1,
     params:
-        settings=settings("train", "models"),
+        settings=result_settings("train"),
+        run=run_settings("train"),
         out_dir="results/models/{split}/{variant}",
         checkpoints="results/checkpoints/{split}/{variant}",
     shell:
         "python -m synthpert train --data {input.data} --settings {params.settings:q} "
-        "--out-dir {params.out_dir} --checkpoint-dir {params.checkpoints} 2> {log}"
+        "--run {params.run:q} --out-dir {params.out_dir} --checkpoint-dir {params.checkpoints} 2> {log}"

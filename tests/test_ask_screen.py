@@ -17,7 +17,11 @@ import polars as pl
 import pytest
 import yaml
 
+from helpers import change, step_settings
+
 from synthpert import ask, cli, prompts, screen
+from synthpert.config import complete
+from synthpert.settings import Generation
 from synthpert.cli import CommandError
 from synthpert.evaluate import answer_records, build_requests
 from synthpert.labels import class_probabilities
@@ -69,12 +73,10 @@ def ws(tmp_path_factory, embedded_model) -> Workspace:
     ]
     sft = root / "sft.parquet"
     pl.DataFrame({"messages": conversations}).write_parquet(sft)
-    settings = {
-        "train": {"max_steps": 1, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 0, "lora_r": 4,
-                  "lora_alpha": 8, "max_length": 512, "logging_steps": 1},
-        "models": {"student": {"backend": "local", "model": str(embedded_model)}},
-    }  # fmt: skip
-    train(sft, settings, results / "models" / "default" / "synthpert")
+    trained = {"max_steps": 1, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 0, "lora_r": 4,
+               "lora_alpha": 8, "max_length": 512, "logging_steps": 1}  # fmt: skip
+    changes = {f"train.{key}": value for key, value in trained.items()}
+    train(sft, step_settings("train", complete(change(config, **changes))), results / "models" / "default" / "synthpert")
     table = pl.read_parquet(data / "splits" / "default.parquet")
     return Workspace(root, results, config_path, table)
 
@@ -191,9 +193,10 @@ def test_screen_ranks_writes_and_agrees_with_measurement(ws, tmp_path):
     genes = tmp_path / "genes.txt"
     genes.write_text("# four genes\nhspa1a, FTL\nAATF\nALDOA\n")
     out = ws.root / "screens" / f"{PERT}.csv"
-    settings = json.dumps({k: v for k, v in ask.load_config(ws.config).items() if k in ask.SECTIONS})
+    settings = step_settings("screen", ask.load_config(ws.config), model="synthpert")
     argv = ["screen", "--model", "synthpert", "--cell", "k562", "--pert", PERT, "--genes", str(genes),
-            "--settings", settings, "--results", str(ws.results), "--out", str(out)]  # fmt: skip
+            "--settings", settings.params_json(), "--run", settings.run_json(),
+            "--results", str(ws.results), "--out", str(out)]  # fmt: skip
     assert cli.main(argv) == 0
 
     csv = pl.read_csv(out)
@@ -268,7 +271,7 @@ def test_gene_files_and_output_names(tmp_path):
 def test_evaluate_requests_and_records_shared_with_ask():
     rows = pl.DataFrame({"qid": ["a", "b"], "cell": ["k562"] * 2, "pert": ["P"] * 2, "gene": ["G", "H"],
                          "label": [NOT_DE, UP]})  # fmt: skip
-    generation = {"max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0}
+    generation = Generation(max_new_tokens=4, temperature=0.0, top_p=1.0, reasoning_effort=None)
     requests = build_requests(rows, generation, local=True)
     assert [r.tag for r in requests] == ["a|de3", "b|de3", "b|dir"]
     assert requests[2].options == ("downregulated", "upregulated")

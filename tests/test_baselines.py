@@ -187,7 +187,7 @@ def test_predictions_format():
     assert preds.filter(pl.col("task") == "dir")["score_de"].null_count() == 1
 
 
-def test_cli_one_cell_per_call_with_nested_settings(tmp_path, capsys):
+def test_cli_one_cell_per_call_with_its_settings(tmp_path, capsys):
     splits = make_splits()
     splits.write_parquet(tmp_path / "splits.parquet")
     k562_questions(splits).write_parquet(tmp_path / "questions.parquet")
@@ -200,18 +200,18 @@ def test_cli_one_cell_per_call_with_nested_settings(tmp_path, capsys):
              "--settings", settings, "--out", str(tmp_path / out)]
         )  # fmt: skip
 
-    assert run("k562", '{"evaluate": {"knn_k": 1}}', "k1.parquet") == 0
-    assert run("k562", '{"evaluate": {}}', "k20.parquet") == 0
+    assert run("k562", '{"knn_k": 1}', "k1.parquet") == 0
+    assert run("k562", '{"knn_k": 20}', "k20.parquet") == 0
     up = {}
     for name in ("k1", "k20"):
         frame = pl.read_parquet(tmp_path / f"{name}.parquet")
         assert frame.height == 4  # 3 de3 rows + 1 dir row
         up[name] = frame.filter(pl.col("task") == "dir")["score_up"][0]
     assert up == {"k1": 1.0, "k20": 0.5}  # knn_k reaches the row (see the tie-break test)
-    assert run("rpe1", "{}", "rpe1.parquet") == 0
+    assert run("rpe1", '{"knn_k": null}', "rpe1.parquet") == 0
     assert pl.read_parquet(tmp_path / "rpe1.parquet").height == 0  # asked nothing there
     # bad input: a clear error and no output
     splits.drop("role").write_parquet(tmp_path / "bad.parquet")
-    assert run("k562", "{}", "bad_out.parquet", split_file="bad.parquet") == 1
+    assert run("k562", '{"knn_k": 20}', "bad_out.parquet", split_file="bad.parquet") == 1
     assert "lacks columns ['role']" in capsys.readouterr().err
     assert not (tmp_path / "bad_out.parquet").exists()

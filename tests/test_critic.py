@@ -8,11 +8,14 @@ import polars as pl
 import pytest
 from test_traces import FakeBackend
 
+from helpers import demo_config, step_settings
+
 from synthpert.cli import CommandError
 from synthpert.cli import main as cli_main
 from synthpert.critic import balanced, grade_traces, kept_expr, select
 from synthpert.labels import CLASS_NAMES, UP
 from synthpert.prompts import GRADES, SYSTEM_PROMPT, question_messages
+from synthpert.settings import CriticGrade, CriticSelect
 from synthpert.traces import TRACE_SCHEMA, request_log_path
 
 
@@ -44,16 +47,26 @@ def traces_table(n: int = 9, cell: str = "k562") -> pl.DataFrame:
     return pl.DataFrame(rows, schema=TRACE_SCHEMA)
 
 
-def settings(backend="openai", structured=True, keep=("excellent",)) -> dict:
-    return {
-        "critic": {
-            "model": "critic",
-            "keep_grades": list(keep),
-            "generation": {"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "reasoning_effort": None},
-        },
-        "traces": {"sample": {"fraction": None, "count": None, "seed": 88}},
-        "models": {"critic": {"backend": backend, "model": "fake", "structured_outputs": structured}},
-    }
+def config(backend="openai", structured=True, keep=("excellent",), model="fake", balanced=False) -> dict:
+    variants = ["synthpert", "sft_data"] + (["synthpert_balanced"] if balanced else [])
+    return demo_config(**{
+        "critic.keep_grades": list(keep),
+        "critic.generation": {"max_new_tokens": 256},
+        "models.critic": {"backend": backend, "model": model, "structured_outputs": structured},
+        "train.variants": variants,
+    })  # fmt: skip
+
+
+def settings(backend="openai", structured=True, model="fake") -> CriticGrade:
+    return step_settings("critic_grade", config(backend, structured, model=model))
+
+
+def selection(keep=("excellent",), balanced=False) -> CriticSelect:
+    return step_settings("critic_select", config(keep=keep, balanced=balanced))
+
+
+def cli_settings(settings) -> list[str]:
+    return ["--settings", settings.params_json(), "--run", settings.run_json()]
 
 
 def grade_of(request) -> str:
@@ -202,7 +215,7 @@ def write_shards(tmp_path) -> list:
 def test_select_writes_the_sft_sets_and_statistics(tmp_path):
     out = tmp_path / "sft"
     argv = ["critic", "select", "--grades", *map(str, write_shards(tmp_path)), "--split", "default"]
-    argv += ["--settings", json.dumps(settings()), "--out-dir", str(out), "--balanced"]
+    argv += [*cli_settings(selection(balanced=True)), "--out-dir", str(out)]
     assert cli_main(argv) == 0
     synth = pl.read_parquet(out / "synthpert.parquet")
     sft = pl.read_parquet(out / "sft_data.parquet")
@@ -242,7 +255,7 @@ def test_select_writes_the_sft_sets_and_statistics(tmp_path):
 
 def test_select_without_balanced_skips_it(tmp_path):
     select(
-        pl.concat([pl.read_parquet(p) for p in write_shards(tmp_path)]), "default", settings(), tmp_path / "o", False
+        pl.concat([pl.read_parquet(p) for p in write_shards(tmp_path)]), "default", selection(), tmp_path / "o"
     )
     assert not (tmp_path / "o" / "synthpert_balanced.parquet").exists()
     assert (tmp_path / "o" / "synthpert.parquet").exists()
@@ -261,14 +274,14 @@ def test_balanced_is_seeded_and_refuses_a_missing_class():
 def test_nothing_kept_names_the_split_and_shows_counts(tmp_path):
     df = graded_table().with_columns(pl.lit("bad").alias("grade"))
     with pytest.raises(CommandError, match=r"split 'rpe1_holdout': no trace is kept(.|\n)*bad"):
-        select(df, "rpe1_holdout", settings(), tmp_path / "o", False)
+        select(df, "rpe1_holdout", selection(), tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
 def test_select_refuses_duplicate_shards(tmp_path, capsys):
     path = write_shards(tmp_path)[0]
     argv = ["critic", "select", "--grades", str(path), str(path), "--split", "default"]
-    argv += ["--settings", json.dumps(settings()), "--out-dir", str(tmp_path / "o")]
+    argv += [*cli_settings(selection()), "--out-dir", str(tmp_path / "o")]
     assert cli_main(argv) == 1
     assert "12 traces appear in several --grades files" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -278,10 +291,9 @@ def test_select_refuses_duplicate_shards(tmp_path, capsys):
 def test_grade_with_the_embedded_model(tmp_path, embedded_model):
     traces_file = tmp_path / "traces.parquet"
     traces_table(2).write_parquet(traces_file)
-    config = settings("local")
-    config["models"]["critic"] = {"backend": "local", "model": str(embedded_model), "batch_size": 4, "dtype": "float32"}
     out = tmp_path / "graded.parquet"
-    argv = ["critic", "grade", "--traces", str(traces_file), "--settings", json.dumps(config), "--out", str(out)]
+    argv = ["critic", "grade", "--traces", str(traces_file), *cli_settings(settings("local", model=str(embedded_model)))]
+    argv += ["--out", str(out)]
     assert cli_main(argv) == 0
     graded = pl.read_parquet(out)
     assert graded["grade"].is_in(list(GRADES)).all()  # scored, so never unparseable

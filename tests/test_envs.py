@@ -39,11 +39,11 @@ RUNTIME_NEEDS = {
 # Imports inside functions that a rule's step never calls (rule -> (module, function)).
 NOT_REACHED = {
     # `traces sample` draws the question sample and builds no LLM backend.
-    "trace_sample": {("synthpert.llm", "make_backend"), ("synthpert.llm", "resolve_local_model")},
+    "trace_sample": {("synthpert.llm", f) for f in ("make_backend", "resolve_local_model", "local_identity", "hub_revision")},
     # `critic select` filters graded tables and builds no LLM backend.
-    "critic_select": {("synthpert.llm", "make_backend"), ("synthpert.llm", "resolve_local_model")},
+    "critic_select": {("synthpert.llm", f) for f in ("make_backend", "resolve_local_model", "local_identity", "hub_revision")},
     # The rule passes --settings, so `screen` never reads a config file (which needs snakemake).
-    "screen": {("synthpert.ask", "load_config")},
+    "screen": {("synthpert.config", "complete")},
 }
 STEP = re.compile(r"python -m synthpert ([\w-]+)")
 

@@ -8,10 +8,14 @@ from collections.abc import Callable
 import polars as pl
 import pytest
 
+from helpers import demo_config, step_settings
+
 from synthpert.cli import CommandError
 from synthpert.cli import main as cli_main
+from synthpert.config import ConfigError
 from synthpert.labels import CLASS_NAMES, DOWN, NOT_DE, UP
 from synthpert.llm import Request, RequestLog, Response, SpendingGuard, plan
+from synthpert.settings import Sample, Traces
 from synthpert.traces import draw_sample, request_log_path, run_shard, usage_path
 
 LABEL_OF_SYSTEM = {f"is given to you {name}.": cls for cls, name in CLASS_NAMES.items()}
@@ -84,27 +88,25 @@ def split_table() -> pl.DataFrame:
     return pl.DataFrame(rows).with_columns(pl.col("label", "de").cast(pl.Int8), pl.col("direction").cast(pl.Int8))
 
 
-def settings(backend="openai", shards=1, **traces) -> dict:
-    return {
-        "traces": {
-            "model": "teacher",
-            "approach": "explain",
-            "sample": {"fraction": None, "count": None, "seed": 88},
-            "shards": shards,
-            "generation": {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "reasoning_effort": None},
-            "max_requests": None,
-            "max_tokens": None,
-            **traces,
-        },
-        "models": {"teacher": {"backend": backend, "model": "fake"}},
+def settings(backend="openai", shards=1, model="fake", **traces) -> Traces:
+    changes = {
+        "traces.shards": shards,
+        "traces.generation": {"max_new_tokens": 64},
+        "models.teacher": {"backend": backend, "model": model},
+        **{f"traces.{key}": value for key, value in traces.items()},
     }
+    return step_settings("traces", demo_config(**changes))
+
+
+def sample_of(**values) -> Sample:
+    return Sample(**{"fraction": None, "count": None, "seed": 88, "balanced": False, **values})
 
 
 # --- sample --------------------------------------------------------------------------
 
 
 def test_sample_takes_training_rows_only_and_all_when_unset():
-    df = draw_sample(split_table(), {"seed": 88}, shards=1)
+    df = draw_sample(split_table(), sample_of(seed=88), shards=1)
     assert df.height == 3 * 4 * 4  # gene G4 is the test set
     assert "role" not in df.columns
     assert df["tid"].is_unique().all()
@@ -114,11 +116,11 @@ def test_sample_takes_training_rows_only_and_all_when_unset():
 
 def test_sample_is_the_same_whatever_the_shards():
     split = split_table()
-    one = draw_sample(split, {"fraction": 0.5, "seed": 88}, shards=1)
-    three = draw_sample(split, {"fraction": 0.5, "seed": 88}, shards=3)
+    one = draw_sample(split, sample_of(fraction=0.5, seed=88), shards=1)
+    three = draw_sample(split, sample_of(fraction=0.5, seed=88), shards=3)
     assert sorted(one["tid"]) == sorted(three["tid"])
     # rows shuffled in the input: same draw
-    shuffled = draw_sample(split.sample(fraction=1.0, shuffle=True, seed=1), {"fraction": 0.5, "seed": 88}, shards=3)
+    shuffled = draw_sample(split.sample(fraction=1.0, shuffle=True, seed=1), sample_of(fraction=0.5, seed=88), shards=3)
     assert shuffled.equals(three)
     # shards are balanced within each cell line
     sizes = three.group_by("cell", "shard").len()
@@ -129,20 +131,20 @@ def test_sample_is_the_same_whatever_the_shards():
 
 def test_sample_seed_count_and_fraction():
     split = split_table()
-    a = draw_sample(split, {"fraction": 0.25, "seed": 88}, 1)
-    b = draw_sample(split, {"fraction": 0.25, "seed": 7}, 1)
+    a = draw_sample(split, sample_of(fraction=0.25, seed=88), 1)
+    b = draw_sample(split, sample_of(fraction=0.25, seed=7), 1)
     assert a.height == b.height == 12
     assert set(a["tid"]) != set(b["tid"])
-    assert draw_sample(split, {"fraction": 0.25, "seed": 88}, 1).equals(a)
-    counted = draw_sample(split, {"fraction": 0.25, "count": 5, "seed": 88}, 1)
+    assert draw_sample(split, sample_of(fraction=0.25, seed=88), 1).equals(a)
+    counted = draw_sample(split, sample_of(fraction=0.25, count=5, seed=88), 1)
     assert counted.height == 5  # count wins over fraction
 
 
 def test_sample_refuses_a_split_without_training_rows_and_an_empty_sample():
     with pytest.raises(CommandError, match="no training rows"):
-        draw_sample(split_table().with_columns(pl.lit("test").alias("role")), {"seed": 88}, 1)
+        draw_sample(split_table().with_columns(pl.lit("test").alias("role")), sample_of(seed=88), 1)
     with pytest.raises(CommandError, match="selects no tuple out of 48"):
-        draw_sample(split_table(), {"fraction": 0.001, "seed": 88}, 1)
+        draw_sample(split_table(), sample_of(fraction=0.001, seed=88), 1)
 
 
 def test_sample_cli_writes_the_file(tmp_path):
@@ -150,7 +152,8 @@ def test_sample_cli_writes_the_file(tmp_path):
     split_table().write_parquet(split_file)
     out = tmp_path / "traces" / "sample.parquet"
     argv = ["traces", "sample", "--split-file", str(split_file), "--out", str(out)]
-    rc = cli_main([*argv, "--settings", json.dumps(settings(shards=2))])
+    sampled = step_settings("trace_sample", demo_config(**{"traces.shards": 2}))
+    rc = cli_main([*argv, "--settings", sampled.params_json(), "--run", sampled.run_json()])
     assert rc == 0
     assert set(pl.read_parquet(out)["shard"]) == {0, 1}
 
@@ -160,7 +163,7 @@ def test_sample_cli_writes_the_file(tmp_path):
 
 @pytest.fixture
 def sample() -> pl.DataFrame:
-    return draw_sample(split_table(), {"seed": 88}, shards=2)
+    return draw_sample(split_table(), sample_of(seed=88), shards=2)
 
 
 def test_run_writes_traces_usage_and_log(tmp_path, sample):
@@ -275,10 +278,8 @@ def test_unknown_cell_and_bad_shard_are_refused(tmp_path, sample):
         run_shard(sample, "k562", 2, settings(shards=2), tmp_path / "x.parquet", FakeBackend(explaining_teacher))
     with pytest.raises(CommandError, match="more shards"):
         run_shard(sample, "k562", 0, settings(shards=1), tmp_path / "x.parquet", FakeBackend(explaining_teacher))
-    bad = settings(shards=2)
-    bad["traces"]["model"] = "nobody"
-    with pytest.raises(CommandError, match="'nobody', which is not among the models"):
-        run_shard(sample, "k562", 0, bad, tmp_path / "x.parquet", FakeBackend(explaining_teacher))
+    with pytest.raises(ConfigError, match="traces.model: 'nobody' is not a model"):
+        demo_config(**{"traces.model": "nobody"})
     assert not list(tmp_path.iterdir())
 
 
@@ -293,17 +294,11 @@ def test_a_cell_line_missing_from_the_sample_gets_empty_outputs(tmp_path, sample
 def test_run_with_the_embedded_model(tmp_path, embedded_model):
     sample_file = tmp_path / "sample.parquet"
     cell = "hepg2"
-    draw_sample(split_table().filter(pl.col("cell") == cell), {"count": 2, "seed": 88}, 1).write_parquet(sample_file)
-    config = settings("local", generation={"max_new_tokens": 16, "temperature": 0.0, "top_p": 1.0})
-    config["models"]["teacher"] = {
-        "backend": "local",
-        "model": str(embedded_model),
-        "batch_size": 4,
-        "dtype": "float32",
-    }
+    draw_sample(split_table().filter(pl.col("cell") == cell), sample_of(count=2, seed=88), 1).write_parquet(sample_file)
+    config = settings("local", model=str(embedded_model), generation={"max_new_tokens": 16})
     out = tmp_path / cell / "0.parquet"
     argv = ["traces", "run", "--cell", cell, "--shard", "0", "--sample", str(sample_file)]
-    argv += ["--settings", json.dumps(config), "--out", str(out)]
+    argv += ["--settings", config.params_json(), "--run", config.run_json(), "--out", str(out)]
     assert cli_main(argv) == 0
     df = pl.read_parquet(out)
     assert df.height == 2

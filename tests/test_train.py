@@ -7,6 +7,7 @@ the student there, since the labels do not depend on the weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -20,12 +21,14 @@ import trl
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from helpers import demo_config, step_settings
+
 from synthpert import cli
 from synthpert.cli import CommandError
+from synthpert.settings import Train
 from synthpert.train import (
     ASSISTANT_ONLY,
     COMPLETION_ONLY,
-    TrainSettings,
     build_trainer,
     loss_text,
     read_conversations,
@@ -60,9 +63,16 @@ def write_sft(path: Path, conversations: list[list[dict]]) -> Path:
     return path
 
 
-def settings(model: str, **train_settings) -> dict:
+def settings(model: str, **train_settings) -> Train:
     base = {"max_steps": 6, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 0, "logging_steps": 1}
-    return {"train": {**base, **train_settings}, "models": {"student": {"backend": "local", "model": model}}}
+    changes = {f"train.{key}": value for key, value in {**base, **train_settings}.items()}
+    config = demo_config(**changes, **{"models.student": {"backend": "local", "model": model}})
+    return step_settings("train", config)
+
+
+def cli_settings(settings: Train) -> list[str]:
+    """The two JSON arguments a rule passes."""
+    return ["--settings", settings.params_json(), "--run", settings.run_json()]
 
 
 @pytest.fixture
@@ -80,7 +90,7 @@ def tiny_model(tokenizer):
 
 def prepared_row(tokenizer, template, tmp_path) -> dict:
     """The first row as TRL prepared it for training, and the collated batch of it."""
-    cfg = TrainSettings(batch_size=1, max_steps=1)
+    cfg = settings("x", batch_size=1, max_steps=1)
     trainer = build_trainer(tiny_model(tokenizer), tokenizer, [conversation(0)], cfg, template, tmp_path / "ckpt")
     example = trainer.train_dataset[0]
     batch = trainer.data_collator([example])
@@ -145,12 +155,14 @@ def test_templates_that_drop_reasoning_are_refused(tokenizer, tmp_path):
 def test_train_writes_adapter_log_and_metrics(embedded_model, tmp_path, monkeypatch):
     from peft import PeftModel
 
-    monkeypatch.chdir(REPO)  # "embedded:" models live in resources/models of the working directory
+    work = tmp_path / "work"  # "embedded:" models live in resources/models of the working directory
+    (work / "resources" / "models").mkdir(parents=True)
+    (work / "resources" / "models" / embedded_model.name).symlink_to(embedded_model)
+    monkeypatch.chdir(work)
     data = write_sft(tmp_path / "sft.parquet", [conversation(i) for i in range(8)])
     out = tmp_path / "out"
     args = ["train", "--data", str(data), "--out-dir", str(out)]
-    spec = json.dumps(settings("embedded:smollm2-135m-instruct", save_steps=4))
-    assert cli.main([*args, "--settings", spec]) == 0
+    assert cli.main([*args, *cli_settings(settings("embedded:smollm2-135m-instruct", save_steps=4))]) == 0
 
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "loss.png", "train_log.csv", "train_metrics.json"]
     log = pl.read_csv(out / "train_log.csv")
@@ -181,7 +193,7 @@ def test_killed_run_resumes_from_last_checkpoint(embedded_model, tmp_path, caplo
     out = tmp_path / "out"
     config = settings(str(embedded_model), max_steps=6, save_steps=2)
     command = [sys.executable, "-m", "synthpert.cli", "train", "--data", str(data), "--out-dir", str(out)]
-    proc = subprocess.Popen([*command, "--settings", json.dumps(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*command, *cli_settings(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240
         while not list((out / "checkpoints").glob("checkpoint-*/trainer_state.json")):
@@ -238,16 +250,16 @@ def test_too_long_conversations_are_dropped_and_counted(embedded_model, tmp_path
 # ----------------------------------------------------------------- settings and inputs
 
 
-def test_settings_defaults_match_schema():
+def test_settings_are_the_schema_train_section():
     schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())
-    props = schema["properties"]["train"]["properties"]
-    defaults = TrainSettings()
-    for name, prop in props.items():
-        value = getattr(defaults, name)
-        assert (list(value) if isinstance(value, tuple) else value) == prop["default"], name
-    assert set(props) == {f for f in TrainSettings.__dataclass_fields__}
-    with pytest.raises(CommandError, match="unknown train settings"):
-        TrainSettings.from_dict({"lr": 1})
+    props = set(schema["properties"]["train"]["properties"])
+    assert props - {"variants"} == {f for f in Train.__dataclass_fields__}  # variants: which jobs, not how
+    trained = settings("x", learning_rate=2e-4, save_steps=7, logging_steps=3)
+    assert trained.learning_rate == 2e-4 and trained.params()["learning_rate"] == 2e-4
+    assert trained.run() == {"save_steps": 7, "logging_steps": 3, "model": trained.model.run()}
+    assert Train.from_cli(trained.params(), trained.run()) == trained
+    with pytest.raises(CommandError, match="unknown .*'lr'"):
+        Train.from_cli({**trained.params(), "lr": 1}, trained.run())
 
 
 def test_bad_inputs_are_refused_before_loading(tmp_path):
@@ -255,10 +267,10 @@ def test_bad_inputs_are_refused_before_loading(tmp_path):
     with pytest.raises(CommandError, match="row 0"):
         read_conversations(bad)
     good = write_sft(tmp_path / "good.parquet", [conversation(0)])
+    local = settings("x")
+    api = dataclasses.replace(local, model=dataclasses.replace(local.model, backend="openai"))
     with pytest.raises(CommandError, match="backend 'local'"):
-        train(good, {"train": {}, "models": {"student": {"backend": "openai", "model": "x"}}}, tmp_path / "o")
-    with pytest.raises(CommandError, match="not among the models"):
-        train(good, {"train": {"model": "nope"}, "models": {"student": {"backend": "local", "model": "x"}}}, tmp_path / "o")
+        train(good, api, tmp_path / "o")
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")

@@ -24,6 +24,7 @@ asking again costs no generation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import logging
@@ -35,20 +36,21 @@ import polars as pl
 import yaml
 
 from synthpert.cli import CommandError, settings_type
-from synthpert.config import LLM_ROWS, TRAINED_ROWS
+from synthpert.config import SCHEMA
+from synthpert.config import load as config_load
+from synthpert.errors import ConfigError
+from synthpert.rows import LLM_ROWS, TRAINED_ROWS, row_model_name
 from synthpert.embedded import local_path
-from synthpert.evaluate import PREDICTION_SCHEMA, answer_records, model_for_row, question_request
+from synthpert.evaluate import PREDICTION_SCHEMA, answer_records, question_request
 from synthpert.labels import CLASS_NAMES, DOWN, NOT_DE, UP, display_cell
 from synthpert.llm import RequestLog, make_backend
 from synthpert.prompts import parse_reasoning
 from synthpert.questions import qid_expr
-from synthpert.traces import generation_params
+from synthpert.settings import Generation, Screen
 
 log = logging.getLogger(__name__)
 
-SCHEMA = Path(__file__).resolve().parents[2] / "config" / "schema.yaml"
 DEFAULT_CONFIG = Path("config/demo.yaml")
-SECTIONS = ("models", "evaluate", "traces", "train")
 
 
 # --------------------------------------------------------------------------- settings
@@ -56,39 +58,18 @@ SECTIONS = ("models", "evaluate", "traces", "train")
 
 def load_config(path: str | Path) -> dict:
     """A configuration file, validated and completed with the schema's defaults exactly
-    as the Snakefile does, then cross-checked (`config.check`)."""
-    from snakemake.exceptions import WorkflowError
-    from snakemake.utils import validate
-
-    from synthpert.config import ConfigError, check
-
-    path = Path(path)
-    if not path.is_file():
-        raise CommandError(f"configuration {path} not found; run from the workflow folder or pass --config FILE")
-    config = yaml.safe_load(path.read_text()) or {}
+    as the Snakefile does, then cross-checked."""
     try:
-        validate(config, str(schema_path()))
-        check(config)
-    except (ConfigError, WorkflowError) as err:
+        return config_load(path)
+    except ConfigError as err:
         raise CommandError(f"configuration {path} is invalid: {err}") from None
-    return config
 
 
-def read_settings(args: argparse.Namespace) -> dict:
-    """The `models, evaluate, traces, train` sections: from `--settings` (rules pass them,
-    defaults applied) or from `--config`."""
-    settings = args.settings if args.settings is not None else load_config(args.config)
-    missing = [s for s in SECTIONS if not isinstance(settings.get(s), dict)]
-    if missing:
-        raise CommandError(f"the settings lack the sections {missing}; expected {list(SECTIONS)}")
-    return settings
-
-
-def generation_settings(settings: dict, max_new_tokens: int | None) -> dict:
+def generation_settings(config: dict, max_new_tokens: int | None) -> Generation:
     """`evaluate.generation` (what the model was evaluated with), optionally shortened."""
-    generation = generation_params(settings["evaluate"].get("generation") or {})
+    generation = Generation.of(config["evaluate"]["generation"])
     if max_new_tokens is not None:
-        generation["max_new_tokens"] = max_new_tokens
+        generation = dataclasses.replace(generation, max_new_tokens=max_new_tokens)
     return generation
 
 
@@ -109,16 +90,9 @@ class Model:
         return f"{self.name} ({base} + adapter {self.adapter})" if self.adapter else f"{self.name} ({base})"
 
 
-def schema_path() -> Path:
-    """config/schema.yaml of the checkout this package runs from (rules and `pip install -e`)."""
-    if not SCHEMA.is_file():
-        raise CommandError(f"the configuration schema {SCHEMA} is missing; run synthpert from its source checkout")
-    return SCHEMA
-
-
 def model_defaults() -> dict:
     """The schema's defaults of a `models:` entry."""
-    properties = yaml.safe_load(schema_path().read_text())["$defs"]["model"]["properties"]
+    properties = yaml.safe_load(SCHEMA.read_text())["$defs"]["model"]["properties"]
     return {key: value["default"] for key, value in properties.items() if "default" in value}
 
 
@@ -151,6 +125,22 @@ def adapter_model(path: Path, settings: dict) -> Model:
     return Model(layout.name, spec, str(path))
 
 
+def trained_adapter(name: str, split: str, results: Path) -> str:
+    """The adapter of a trained row (`results/models/{split}/{row}/adapter`), which must exist."""
+    adapter = results / "models" / split / name / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise CommandError(
+            f"model {name!r} is a fine-tuned student, but split {split!r} has no trained adapter "
+            f"at {adapter}; train it first (snakemake {adapter}) or pass --split / an adapter folder"
+        )
+    return str(adapter)
+
+
+def rule_model(name: str, settings: Screen, split: str, results: Path) -> Model:
+    """The model of a screen rule: the resolved `models:` entry, with its adapter when it is a trained row."""
+    return Model(name, settings.model.spec(), trained_adapter(name, split, results) if settings.trained else None)
+
+
 def resolve_model(name: str, settings: dict, split: str, results: Path) -> Model:
     """`--model`: an adapter folder, a `models:` name, or a model row (see module docstring)."""
     if Path(name).is_dir():
@@ -159,16 +149,8 @@ def resolve_model(name: str, settings: dict, split: str, results: Path) -> Model
     if name in models:
         return Model(name, models[name])
     if name in LLM_ROWS:
-        spec = model_for_row(name, settings)
-        if name not in TRAINED_ROWS:
-            return Model(name, spec)
-        adapter = results / "models" / split / name / "adapter"
-        if not (adapter / "adapter_config.json").is_file():
-            raise CommandError(
-                f"model {name!r} is a fine-tuned student, but split {split!r} has no trained adapter "
-                f"at {adapter}; train it first (snakemake {adapter}) or pass --split / an adapter folder"
-            )
-        return Model(name, spec, str(adapter))
+        spec = models[row_model_name(name, settings)]
+        return Model(name, spec, trained_adapter(name, split, results) if name in TRAINED_ROWS else None)
     known = sorted({*models, *LLM_ROWS})
     raise CommandError(
         f"unknown model {name!r}: not an adapter folder, nor a model of the configuration or a model row "
@@ -271,7 +253,7 @@ def question_rows(table: pl.DataFrame, cell: str, pert: str, genes: list[str]) -
 # --------------------------------------------------------------------------- asking
 
 
-def answer(rows: pl.DataFrame, model: Model, generation: dict, log_path: Path, desc: str) -> pl.DataFrame:
+def answer(rows: pl.DataFrame, model: Model, generation: Generation, log_path: Path, desc: str) -> pl.DataFrame:
     """The model's three-class answer to every question (`PREDICTION_SCHEMA` columns, task
     `de3`); answers already in `log_path` are reused, new ones appended to it."""
     backend = make_backend(model.spec, adapter=model.adapter)
@@ -336,8 +318,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="configuration file (default: %(default)s)")
     source.add_argument(
-        "--settings", type=settings_type, default=None, help="JSON {models, evaluate, traces, train} (what rules pass)"
+        "--settings", type=settings_type, default=None, help="JSON: the screen step's settings (what rules pass)"
     )
+    parser.add_argument("--run", type=settings_type, default={}, help="JSON: how the step runs (what rules pass)")
     parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: %(default)s)")
     parser.add_argument(
         "--max-new-tokens", type=int, default=None, help="reasoning budget (default: evaluate.generation's)"
@@ -355,7 +338,7 @@ class Setup:
     pert: str
     split: str
     model: Model
-    generation: dict
+    generation: Generation
     table: pl.DataFrame
     notes: list[str]
 
@@ -364,8 +347,15 @@ def setup(args: argparse.Namespace) -> Setup:
     """Everything `ask` and `screen` check before loading a model."""
     if args.max_new_tokens is not None and args.max_new_tokens < 0:
         raise CommandError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    settings = read_settings(args)
-    model = resolve_model(args.model, settings, args.split or "default", args.results)
+    if args.settings is not None:  # a rule: the model is resolved already
+        settings = Screen.from_cli(args.settings, args.run)
+        model, generation = rule_model(args.model, settings, args.split or "default", args.results), settings.generation
+    else:
+        config = load_config(args.config)
+        model = resolve_model(args.model, config, args.split or "default", args.results)
+        generation = generation_settings(config, None)
+    if args.max_new_tokens is not None:
+        generation = dataclasses.replace(generation, max_new_tokens=args.max_new_tokens)
     split = args.split or model.split or "default"
     table = read_split(args.results, split)
     cell = resolve_cell(args.cell, table)
@@ -373,7 +363,7 @@ def setup(args: argparse.Namespace) -> Setup:
     notes = training_notes(table, cell, pert, split)
     for note in notes:
         log.warning(note)
-    return Setup(cell, pert, split, model, generation_settings(settings, args.max_new_tokens), table, notes)
+    return Setup(cell, pert, split, model, generation, table, notes)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -58,9 +58,10 @@ import polars as pl
 from scipy import sparse
 from sklearn.preprocessing import normalize
 
-from synthpert.cli import CommandError, settings_type
+from synthpert.cli import CommandError, add_settings_arguments
 from synthpert.io import PREDICTION_COLUMNS, read_parquet_columns, write_parquet
 from synthpert.labels import DOWN, NOT_DE, UP
+from synthpert.settings import Baseline
 
 log = logging.getLogger(__name__)
 
@@ -403,9 +404,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--questions", required=True, type=Path, help="results/eval/{split}/questions.parquet"
     )
-    parser.add_argument(
-        "--settings", type=settings_type, default={}, help='JSON: {"evaluate": {"knn_k": ...}}'
-    )
+    add_settings_arguments(parser, "baseline", required=False)
     parser.add_argument(
         "--out", required=True, type=Path, help="results/predictions/{split}/{row}/{cell}.parquet"
     )
@@ -414,7 +413,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     splits = load_splits(args.splits_file)
     questions = load_questions(args.questions)
-    knn_k = int(args.settings.get("evaluate", {}).get("knn_k", DEFAULT_KNN_K))
+    settings = Baseline.from_cli(args.settings or {"knn_k": None}, args.run)
+    knn_k = settings.knn_k or DEFAULT_KNN_K
     frame = predict(args.row, splits, questions, args.cell, knn_k)
     write_parquet(frame, args.out)
     log.info("%s %s: %d prediction rows -> %s", args.row, args.cell, frame.height, args.out)

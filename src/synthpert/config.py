@@ -3,14 +3,41 @@ run by the Snakefile right after schema validation, before any job starts."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import yaml
+
 from synthpert.data import split_names
+from synthpert.errors import ConfigError
+from synthpert.rows import TRAINED_ROWS
 
-LLM_ROWS = {"base", "sft_data", "synthpert", "synthpert_balanced", "teacher"}
-TRAINED_ROWS = {"sft_data", "synthpert", "synthpert_balanced"}
 
 
-class ConfigError(ValueError):
-    """A configuration that passed the schema but cannot work."""
+SCHEMA = Path(__file__).resolve().parents[2] / "config" / "schema.yaml"
+
+
+def complete(config: dict) -> dict:
+    """`config` validated against the schema, with its defaults filled in exactly as the
+    Snakefile does, then cross-checked (`check`). Raises ConfigError."""
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    if not SCHEMA.is_file():
+        raise ConfigError(f"the configuration schema {SCHEMA} is missing; run synthpert from its source checkout")
+    try:
+        validate(config, str(SCHEMA))
+    except WorkflowError as err:
+        raise ConfigError(str(err)) from None
+    check(config)
+    return config
+
+
+def load(path: str | Path) -> dict:
+    """A configuration file, completed (`complete`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"configuration {path} not found")
+    return complete(yaml.safe_load(path.read_text()) or {})
 
 
 def check(config: dict) -> None:
@@ -37,12 +64,6 @@ def check(config: dict) -> None:
     untrained = [r for r in config["evaluate"]["rows"] if r in TRAINED_ROWS and r not in config["train"]["variants"]]
     if untrained:
         raise ConfigError(f"evaluate.rows: {untrained} are not trained; add them to train.variants")
-
-
-def row_model_name(row: str, config: dict) -> str:
-    """The `models:` entry an LLM row asks: the teacher row asks the trace model, every
-    other row (base and the fine-tuned ones) the student."""
-    return config["traces"]["model"] if row == "teacher" else config["train"]["model"]
 
 
 def splits(config: dict) -> list[str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import polars as pl
 
-from synthpert.cli import CommandError, settings_type
+from synthpert.cli import CommandError, add_settings_arguments
 from synthpert.io import write_csv, write_parquet
 from synthpert.labels import CLASS_NAMES
 from synthpert.llm import Request, Response, make_backend
@@ -36,7 +36,8 @@ from synthpert.prompts import (
     parse_grade,
     question_messages,
 )
-from synthpert.traces import generation_params, model_spec, request_log_path, run_requests, section
+from synthpert.settings import CriticGrade, CriticSelect
+from synthpert.traces import request_log_path, run_requests
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,10 @@ def structured_unsupported(response: Response) -> bool:
     return response.finish_reason == "error" and bool(_NO_SCHEMA.search(response.error or ""))
 
 
-def critic_requests(rows: pl.DataFrame, critic: dict, mode: str) -> list[Request]:
+def critic_requests(rows: pl.DataFrame, settings: CriticGrade, mode: str) -> list[Request]:
     """One critic request per trace. mode: `json` (structured outputs), `tags` (the
     paper's `<evaluation>` format) or `options` (local: score the five grades only)."""
-    params = generation_params(critic.get("generation", {}))
+    params = settings.generation.request_fields()
     if mode == "options":
         params.update(max_new_tokens=0, options=GRADES, option_tag="evaluation")
     elif mode == "json":
@@ -106,21 +107,19 @@ def grade_record(response: Response | None) -> dict:
     }
 
 
-def grade_traces(traces: pl.DataFrame, settings: dict, out: Path, backend) -> pl.DataFrame:
+def grade_traces(traces: pl.DataFrame, settings: CriticGrade, out: Path, backend) -> pl.DataFrame:
     """Grade every trace with a reasoning (`backend` is unused when none has one); write
     traces + grade columns to `out`."""
-    critic = section(settings, "critic")
-    spec = model_spec(settings, "critic")
     missing = [c for c in ["tid", "cell", "pert", "gene", "reasoning"] if c not in traces.columns]
     if missing:
         raise CommandError(f"the traces table lacks column(s) {missing}; found {traces.columns}")
     todo = traces.filter(pl.col("reasoning").is_not_null())
-    if spec["backend"] == "local":
+    if settings.model.backend == "local":
         mode = "options"
     else:
-        mode = "json" if spec.get("structured_outputs", True) else "tags"
+        mode = "json" if settings.structured_outputs else "tags"
     log_file = request_log_path(out)
-    requests = critic_requests(todo, critic, mode)
+    requests = critic_requests(todo, settings, mode)
     by_tid = {}
     if requests:
         responses = run_requests(backend, requests, log_file, None, f"critic ({mode})")
@@ -134,7 +133,7 @@ def grade_traces(traces: pl.DataFrame, settings: dict, out: Path, backend) -> pl
                 len(rejected),
                 by_tid[rejected[0]].error,
             )
-            retry = critic_requests(todo.filter(pl.col("tid").is_in(rejected)), critic, "tags")
+            retry = critic_requests(todo.filter(pl.col("tid").is_in(rejected)), settings, "tags")
             answers = run_requests(backend, retry, log_file, None, "critic (tags)")
             by_tid.update({req.tag: answers[req.key(backend.model)] for req in retry})
     grades = pl.DataFrame(
@@ -267,10 +266,9 @@ def read_graded(paths: list[Path]) -> pl.DataFrame:
     return graded
 
 
-def select(graded: pl.DataFrame, split: str, settings: dict, out_dir: Path, with_balanced: bool) -> pl.DataFrame:
+def select(graded: pl.DataFrame, split: str, settings: CriticSelect, out_dir: Path) -> pl.DataFrame:
     """Write the SFT sets and the statistics of one split; return the kept traces."""
-    keep_grades = section(settings, "critic").get("keep_grades", ["excellent"])
-    seed = section(settings, "traces").get("sample", {}).get("seed", 88)
+    keep_grades = list(settings.keep_grades)
     kept_mask = graded.select(kept_expr(keep_grades).alias("kept"))["kept"]
     kept = graded.filter(kept_mask)
     if kept.height == 0:
@@ -284,8 +282,8 @@ def select(graded: pl.DataFrame, split: str, settings: dict, out_dir: Path, with
         "synthpert.parquet": sft_table(kept, with_reasoning=True),
         "sft_data.parquet": sft_table(kept, with_reasoning=False),
     }
-    if with_balanced:
-        outputs["synthpert_balanced.parquet"] = sft_table(balanced(kept, seed), with_reasoning=True)
+    if settings.balanced:
+        outputs["synthpert_balanced.parquet"] = sft_table(balanced(kept, settings.seed), with_reasoning=True)
     stats = critic_stats(graded, kept_mask)
     for name, df in outputs.items():
         write_parquet(df, out_dir / name)
@@ -302,29 +300,27 @@ def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     grade = sub.add_parser("grade", help="the critic grades the traces of one shard")
     grade.add_argument("--traces", required=True, type=Path, help="<shard>.parquet of `traces run`")
-    grade.add_argument("--settings", required=True, type=settings_type, help="JSON: {critic: ..., models: ...}")
+    add_settings_arguments(grade, "critic_grade")
     grade.add_argument("--out", required=True, type=Path, help="output: graded traces (.parquet)")
     choose = sub.add_parser("select", help="keep the well-graded, correct traces of a split as SFT sets")
     choose.add_argument("--grades", required=True, nargs="+", type=Path, help="graded shards of one split")
     choose.add_argument("--split", required=True, help="split name (for messages)")
-    choose.add_argument("--settings", required=True, type=settings_type, help="JSON: {critic: ..., traces: ...}")
+    add_settings_arguments(choose, "critic_select")
     choose.add_argument("--out-dir", required=True, type=Path, help="output folder")
-    choose.add_argument(
-        "--balanced", action="store_true", help="also write synthpert_balanced.parquet (each class a third)"
-    )
 
 
 def main(args) -> None:
     if args.action == "select":
-        select(read_graded(args.grades), args.split, args.settings, args.out_dir, args.balanced)
+        select(read_graded(args.grades), args.split, CriticSelect.from_cli(args.settings, args.run), args.out_dir)
         return
+    settings = CriticGrade.from_cli(args.settings, args.run)
     if not args.out.name.endswith(".parquet"):
         raise CommandError(f"--out must end in .parquet, got {args.out}")
     if not args.traces.is_file():
         raise CommandError(f"{args.traces}: file not found")
     traces = pl.read_parquet(args.traces)
     needed = "reasoning" in traces.columns and traces["reasoning"].is_not_null().any()
-    backend = make_backend(model_spec(args.settings, "critic")) if needed else None  # nothing to grade: no model
-    graded = grade_traces(traces, args.settings, args.out, backend)
+    backend = make_backend(settings.model.spec()) if needed else None  # nothing to grade: no model
+    graded = grade_traces(traces, settings, args.out, backend)
     counts = graded.group_by("grade").len().sort("grade", nulls_last=True)
     log.info("%d traces graded into %s\n%s", graded["grade"].is_not_null().sum(), args.out, counts)

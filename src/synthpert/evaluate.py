@@ -18,11 +18,12 @@ from pathlib import Path
 import polars as pl
 
 from synthpert import prompts
-from synthpert.cli import CommandError, settings_type
-from synthpert.config import TRAINED_ROWS, row_model_name
+from synthpert.cli import CommandError, add_settings_arguments
+from synthpert.rows import TRAINED_ROWS
 from synthpert.io import write_parquet
 from synthpert.labels import CLASS_NAMES, DOWN, NOT_DE, UP, class_probabilities
 from synthpert.llm import Request, RequestLog, make_backend
+from synthpert.settings import Generation, Predict
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +43,21 @@ def shard_rows(questions: pl.DataFrame, cell: str, shard: int, shards: int) -> p
     return rows.with_row_index("_i").filter(pl.col("_i") % shards == shard).drop("_i")
 
 
-def question_request(q: dict, task: str, generation: dict, local: bool) -> Request:
+def question_request(q: dict, task: str, generation: Generation, local: bool) -> Request:
     """The request asking question `q` (qid, cell, pert, gene) as `task`, tagged `qid|task`.
 
     A local model starts its reasoning after a `<think>` prefill and its probabilities
     of the task's answer options are read afterwards."""
     return Request(
         messages=prompts.question_messages(q["cell"], q["pert"], q["gene"], task),
-        max_new_tokens=generation["max_new_tokens"],
-        temperature=generation["temperature"],
-        top_p=generation["top_p"],
-        reasoning_effort=generation.get("reasoning_effort"),
+        **generation.request_fields(),
         prefill="<think>\n" if local else "",
         options=tuple(CLASS_NAMES[c] for c in TASK_OPTIONS[task]) if local else (),
         tag=f"{q['qid']}|{task}",
     )
 
 
-def build_requests(rows: pl.DataFrame, generation: dict, local: bool) -> list[Request]:
+def build_requests(rows: pl.DataFrame, generation: Generation, local: bool) -> list[Request]:
     """Every question as `de3`; differentially expressed ones also as `dir`."""
     requests = []
     for q in rows.iter_rows(named=True):
@@ -118,10 +116,6 @@ def answer_records(rows: pl.DataFrame, requests: list[Request], responses: dict,
     return records
 
 
-def model_for_row(row: str, settings: dict) -> dict:
-    return settings["models"][row_model_name(row, settings)]
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--questions", required=True, type=Path)
     parser.add_argument("--row", required=True, help="model row: base, sft_data, synthpert, teacher ...")
@@ -129,20 +123,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cell", required=True)
     parser.add_argument("--shard", required=True, type=int)
     parser.add_argument("--adapter", type=Path, default=None, help="LoRA adapter (trained rows)")
-    parser.add_argument("--settings", required=True, type=settings_type,
-                        help="JSON: {evaluate, models, traces, train}")
+    add_settings_arguments(parser, "predict")
     parser.add_argument("--out", required=True, type=Path)
 
 
 def main(args) -> None:
-    settings = args.settings
+    settings = Predict.from_cli(args.settings, args.run)
     if args.row in TRAINED_ROWS and args.adapter is None:
         raise CommandError(f"row {args.row!r} is a fine-tuned student: pass --adapter")
-    spec = model_for_row(args.row, settings)
-    rows = shard_rows(pl.read_parquet(args.questions), args.cell, args.shard, settings["evaluate"]["shards"])
-    local = spec["backend"] == "local"
-    requests = build_requests(rows, settings["evaluate"]["generation"], local)
-    backend = make_backend(spec, adapter=str(args.adapter) if args.adapter else None)
+    rows = shard_rows(pl.read_parquet(args.questions), args.cell, args.shard, settings.shards)
+    local = settings.model.backend == "local"
+    requests = build_requests(rows, settings.generation, local)
+    backend = make_backend(settings.model.spec(), adapter=str(args.adapter) if args.adapter else None)
     request_log = RequestLog(args.out.with_suffix(".requests.jsonl"))
     responses = backend.run(requests, request_log, desc=f"{args.row} {args.cell}#{args.shard}")
     df = pl.DataFrame(answer_records(rows, requests, responses, backend.model), schema=PREDICTION_SCHEMA)

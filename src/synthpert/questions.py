@@ -8,9 +8,10 @@ from pathlib import Path
 
 import polars as pl
 
-from synthpert.cli import CommandError, settings_type
+from synthpert.cli import CommandError, add_settings_arguments
 from synthpert.io import write_parquet
 from synthpert.sampling import sample_size, stratified
+from synthpert.settings import Questions, Sample
 
 log = logging.getLogger(__name__)
 
@@ -19,14 +20,14 @@ def qid_expr() -> pl.Expr:
     return pl.concat_str(["cell", "pert", "gene"], separator=":")
 
 
-def select_questions(split_df: pl.DataFrame, sample: dict) -> pl.DataFrame:
+def select_questions(split_df: pl.DataFrame, sample: Sample) -> pl.DataFrame:
     test = split_df.filter(pl.col("role") == "test")
     if test.height == 0:
         raise CommandError("the split has no test rows")
     parts = []
     for cell in sorted(test["cell"].unique().to_list()):
         rows = test.filter(pl.col("cell") == cell)
-        parts.append(stratified(rows, "label", sample_size(rows.height, sample), sample.get("seed", 88)))
+        parts.append(stratified(rows, "label", sample_size(rows.height, sample), sample.seed))
     return (
         pl.concat(parts)
         .with_columns(qid_expr().alias("qid"))
@@ -37,12 +38,13 @@ def select_questions(split_df: pl.DataFrame, sample: dict) -> pl.DataFrame:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--split-file", required=True, type=Path)
-    parser.add_argument("--settings", required=True, type=settings_type, help="JSON: {evaluate: ...}")
+    add_settings_arguments(parser, "questions")
     parser.add_argument("--out", required=True, type=Path)
 
 
 def main(args) -> None:
-    questions = select_questions(pl.read_parquet(args.split_file), args.settings["evaluate"].get("sample", {}))
+    settings = Questions.from_cli(args.settings, args.run)
+    questions = select_questions(pl.read_parquet(args.split_file), settings.sample)
     write_parquet(questions, args.out)
     counts = questions.group_by("cell", "label").len().sort("cell", "label")
     log.info("%d questions\n%s", questions.height, counts)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import polars as pl
 
 
-def sample_size(n: int, sample: dict) -> int:
-    """Rows to keep out of `n` for a `sample` setting ({count, fraction, seed}); count wins."""
-    if sample.get("count") is not None:
-        return min(n, int(sample["count"]))
-    if sample.get("fraction") is not None:
-        return min(n, round(n * float(sample["fraction"])))
+def sample_size(n: int, sample) -> int:
+    """Rows to keep out of `n` for a `settings.Sample` (count wins over fraction)."""
+    if sample.count is not None:
+        return min(n, int(sample.count))
+    if sample.fraction is not None:
+        return min(n, round(n * float(sample.fraction)))
     return n
 
 

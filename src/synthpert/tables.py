@@ -35,9 +35,10 @@ from pathlib import Path
 
 import polars as pl
 
-from synthpert.cli import CommandError, settings_type
+from synthpert.cli import CommandError, add_settings_arguments
 from synthpert.io import PREDICTION_COLUMNS, read_parquet_columns, write_csv
 from synthpert.labels import CELLS, NOT_DE, UP, display_cell
+from synthpert.settings import Tables
 from synthpert.metrics import (
     auroc_paper,
     auroc_paper_subsets,
@@ -140,9 +141,9 @@ def load_reported(path: str | Path, table: int) -> pl.DataFrame:
     return frame.filter(pl.col("table") == table)
 
 
-def _row_order(preds: pl.DataFrame, evaluate: dict) -> list[str]:
+def _row_order(preds: pl.DataFrame, order: tuple[str, ...]) -> list[str]:
     rows = preds["row"].unique().to_list()
-    wanted = [r for r in evaluate.get("rows", []) if r in rows]
+    wanted = [r for r in order if r in rows]
     return wanted + sorted(r for r in rows if r not in wanted)
 
 
@@ -323,14 +324,11 @@ def build(
     preds: pl.DataFrame,
     reported: pl.DataFrame,
     splits: pl.DataFrame | None,
-    evaluate: dict,
+    settings: Tables,
 ) -> dict[str, pl.DataFrame]:
-    """The frames of one table: {"": table, "_ci": ..., "_unseen": ...} (3 and 4 only).
-
-    `evaluate` is the config section: `rows` (order), `bootstrap`, `sample.seed`.
-    """
-    rows = _row_order(preds, evaluate)
-    seed = int(evaluate.get("sample", {}).get("seed", DEFAULT_SEED))
+    """The frames of one table: {"": table, "_ci": ..., "_unseen": ...} (3 and 4 only)."""
+    rows = _row_order(preds, settings.rows)
+    seed = settings.seed
     if table in (1, 2):
         computed = auroc_table(preds, "de3" if table == 1 else "dir", split, rows, seed)
         leading = ["split", "kind", "row", "score_source"]
@@ -346,7 +344,7 @@ def build(
         cells, pooled = [split.removesuffix("_holdout")], False
     else:
         cells, pooled = ordered_cells(preds), True
-    n_boot = int(evaluate.get("bootstrap", 1000))
+    n_boot = settings.bootstrap
     leading = ["split", "kind", "row", "cell", "n", "n_unparsed"]
     main = three_class_table(preds, split, rows, cells, pooled)
     unseen = unseen_only(preds, splits)
@@ -412,12 +410,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="published numbers (default: packaged reported.csv)",
     )
-    parser.add_argument(
-        "--settings",
-        type=settings_type,
-        default={},
-        help='JSON: {"evaluate": {"rows", "bootstrap", "sample": {"seed"}}}',
-    )
+    add_settings_arguments(parser, "tables")
     parser.add_argument(
         "--out",
         required=True,
@@ -444,9 +437,8 @@ def main(args: argparse.Namespace) -> None:
         if not args.splits_file.is_file():
             raise CommandError(f"splits file not found: {args.splits_file}")
         splits = pl.read_parquet(args.splits_file, columns=["pert", "role"])
-    frames = build(
-        args.table, args.split, preds, reported, splits, args.settings.get("evaluate", {})
-    )
+    settings = Tables.from_cli(args.settings, args.run)
+    frames = build(args.table, args.split, preds, reported, splits, settings)
     out = Path(args.out)
     for suffix, frame in frames.items():
         path = out.with_name(f"{out.stem}{suffix}{out.suffix}")

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import polars as pl
 
-from synthpert.cli import CommandError, settings_type
+from synthpert.cli import CommandError, add_settings_arguments
 from synthpert.io import atomic_path, write_parquet
 from synthpert.labels import CELLS, CLASS_KEYS, CLASS_NAMES, class_probabilities
 from synthpert.llm import Request, RequestLog, SpendingGuard, make_backend
 from synthpert.prompts import APPROACHES, generator_messages, parse_answer, parse_reasoning
 from synthpert.sampling import balanced, sample_size
+from synthpert.settings import Sample, Traces, TraceSample
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +48,7 @@ TRACE_SCHEMA = {
 }
 
 
-# --- settings ------------------------------------------------------------------------
-
-
-def section(settings: dict, name: str) -> dict:
-    """One configuration section of `--settings`, with a clear error when absent."""
-    value = settings.get(name)
-    if not isinstance(value, dict):
-        raise CommandError(f"--settings needs a JSON object under {name!r}; got keys {sorted(settings)}")
-    return value
-
-
-DEFAULT_MODEL = {"traces": "teacher", "critic": "critic"}  # the schema's defaults
-
-
-def model_spec(settings: dict, step: str) -> dict:
-    """The `models:` entry that `<step>.model` names."""
-    name = section(settings, step).get("model", DEFAULT_MODEL[step])
-    models = section(settings, "models")
-    if name not in models:
-        raise CommandError(f"{step}.model is {name!r}, which is not among the models {sorted(models)}")
-    return models[name]
+# --- request logs -------------------------------------------------------------------
 
 
 def request_log_path(out: Path) -> Path:
@@ -77,16 +58,6 @@ def request_log_path(out: Path) -> Path:
 
 def usage_path(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".parquet") + ".usage.json")
-
-
-def generation_params(generation: dict) -> dict:
-    """Request fields from a `generation:` setting (schema defaults where absent)."""
-    return {
-        "max_new_tokens": generation.get("max_new_tokens", 1024),
-        "temperature": generation.get("temperature", 0.0),
-        "top_p": generation.get("top_p", 1.0),
-        "reasoning_effort": generation.get("reasoning_effort"),
-    }
 
 
 def run_requests(backend, requests: list[Request], log_file: Path, guard: SpendingGuard | None, desc: str) -> dict:
@@ -111,7 +82,7 @@ def tid_expr() -> pl.Expr:
     return pl.concat_str(TUPLE, separator=":")
 
 
-def draw_sample(split_df: pl.DataFrame, sample: dict, shards: int) -> pl.DataFrame:
+def draw_sample(split_df: pl.DataFrame, sample: Sample, shards: int) -> pl.DataFrame:
     """Seeded sample of the pooled training rows, dealt into `shards` per cell line.
 
     Rows are sorted before drawing, so the draw depends on the data and the seed only;
@@ -129,10 +100,10 @@ def draw_sample(split_df: pl.DataFrame, sample: dict, shards: int) -> pl.DataFra
     size = sample_size(train.height, sample)
     if size == 0:
         raise CommandError(f"traces.sample {sample} selects no tuple out of {train.height} training rows")
-    if sample.get("count") is not None and sample["count"] > train.height:
-        log.warning("traces.sample.count = %d but only %d training rows: taking all", sample["count"], train.height)
-    seed = sample.get("seed", 88)
-    if sample.get("balanced"):
+    if sample.count is not None and sample.count > train.height:
+        log.warning("traces.sample.count = %d but only %d training rows: taking all", sample.count, train.height)
+    seed = sample.seed
+    if sample.balanced:
         picked = balanced(train, "label", size, seed)
     else:
         picked = train.sample(size, seed=seed) if size < train.height else train
@@ -166,19 +137,18 @@ def shard_rows(sample: pl.DataFrame, cell: str, shard: int, shards: int) -> pl.D
     return sample.filter((pl.col("cell") == cell) & (pl.col("shard") == shard))
 
 
-def generator_requests(rows: pl.DataFrame, traces: dict, local: bool) -> list[Request]:
+def generator_requests(rows: pl.DataFrame, settings: Traces) -> list[Request]:
     """One teacher request per tuple. A local model starts inside `<think>` and its answer
     is the likeliest of the three labels, so it always yields one."""
-    approach = traces.get("approach", "explain")
-    if approach not in APPROACHES:
-        raise CommandError(f"traces.approach must be one of {APPROACHES}, got {approach!r}")
-    params = generation_params(traces.get("generation", {}))
+    if settings.approach not in APPROACHES:
+        raise CommandError(f"traces.approach must be one of {APPROACHES}, got {settings.approach!r}")
+    local = settings.model.backend == "local"
     extra = {"prefill": "<think>\n", "options": LABEL_OPTIONS, "option_tag": "answer"} if local else {}
     return [
         Request(
-            messages=generator_messages(row["cell"], row["pert"], row["gene"], row["label"], approach),
+            messages=generator_messages(row["cell"], row["pert"], row["gene"], row["label"], settings.approach),
             tag=row["tid"],
-            **params,
+            **settings.generation.request_fields(),
             **extra,
         )
         for row in rows.iter_rows(named=True)
@@ -229,14 +199,12 @@ def trace_record(row: dict, response) -> dict:
     }
 
 
-def run_shard(sample: pl.DataFrame, cell: str, shard: int, settings: dict, out: Path, backend) -> pl.DataFrame:
+def run_shard(sample: pl.DataFrame, cell: str, shard: int, settings: Traces, out: Path, backend) -> pl.DataFrame:
     """Ask the teacher (`backend`, unused for an empty shard) about one shard; write the
     traces and the usage beside them."""
-    traces = section(settings, "traces")
-    rows = shard_rows(sample, cell, shard, traces.get("shards", 1))
-    local = model_spec(settings, "traces")["backend"] == "local"
-    requests = generator_requests(rows, traces, local)
-    guard = SpendingGuard(traces.get("max_requests"), traces.get("max_tokens"))
+    rows = shard_rows(sample, cell, shard, settings.shards)
+    requests = generator_requests(rows, settings)
+    guard = SpendingGuard(settings.max_requests, settings.max_tokens)
     log_file = request_log_path(out)
     records = []
     if requests:  # an empty shard needs no model
@@ -246,13 +214,7 @@ def run_shard(sample: pl.DataFrame, cell: str, shard: int, settings: dict, out: 
             for row, req in zip(rows.iter_rows(named=True), requests, strict=True)
         ]
     df = pl.DataFrame(records, schema=TRACE_SCHEMA)
-    usage = {
-        "model": model_spec(settings, "traces")["model"],
-        "cell": cell,
-        "shard": shard,
-        "tuples": rows.height,
-        **RequestLog(log_file).usage(),
-    }
+    usage = {"model": settings.model.model, "cell": cell, "shard": shard, "tuples": rows.height, **RequestLog(log_file).usage()}
     with atomic_path(usage_path(out)) as tmp:
         tmp.write_text(json.dumps(usage, indent=2) + "\n")
     write_parquet(df, out)
@@ -266,13 +228,13 @@ def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     sample = sub.add_parser("sample", help="seeded sample of a split's training tuples, dealt into shards")
     sample.add_argument("--split-file", required=True, type=Path, help="results/data/splits/<split>.parquet")
-    sample.add_argument("--settings", required=True, type=settings_type, help="JSON: {traces: ...}")
+    add_settings_arguments(sample, "trace_sample")
     sample.add_argument("--out", required=True, type=Path, help="output: sample.parquet")
     run = sub.add_parser("run", help="the teacher writes the traces of one (cell line, shard)")
     run.add_argument("--sample", required=True, type=Path, help="sample.parquet of `traces sample`")
     run.add_argument("--cell", required=True)
     run.add_argument("--shard", required=True, type=int)
-    run.add_argument("--settings", required=True, type=settings_type, help="JSON: {traces: ..., models: ...}")
+    add_settings_arguments(run, "traces")
     run.add_argument("--out", required=True, type=Path, help="output: <shard>.parquet (+ .usage.json beside it)")
 
 
@@ -283,18 +245,19 @@ def _read(path: Path) -> pl.DataFrame:
 
 
 def main(args) -> None:
-    traces = section(args.settings, "traces")
     if args.action == "sample":
-        df = draw_sample(_read(args.split_file), traces.get("sample", {}), traces.get("shards", 1))
+        settings = TraceSample.from_cli(args.settings, args.run)
+        df = draw_sample(_read(args.split_file), settings.sample, settings.shards)
         write_parquet(df, args.out)
         counts = df.group_by("cell", "shard").len().sort("cell", "shard")
         log.info("%d tuples sampled\n%s", df.height, counts)
         return
+    settings = Traces.from_cli(args.settings, args.run)
     if not args.out.name.endswith(".parquet"):
         raise CommandError(f"--out must end in .parquet, got {args.out}")
     sample = _read(args.sample)
-    rows = shard_rows(sample, args.cell, args.shard, traces.get("shards", 1))  # fail fast, before loading a model
-    backend = make_backend(model_spec(args.settings, "traces")) if rows.height else None
-    df = run_shard(sample, args.cell, args.shard, args.settings, args.out, backend)
+    rows = shard_rows(sample, args.cell, args.shard, settings.shards)  # fail fast, before loading a model
+    backend = make_backend(settings.model.spec()) if rows.height else None
+    df = run_shard(sample, args.cell, args.shard, settings, args.out, backend)
     counts = df.group_by("status").agg(pl.len(), pl.col("correct").sum()).sort("status")
     log.info("%d traces written to %s\n%s", df.height, args.out, counts)

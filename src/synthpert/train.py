@@ -48,8 +48,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
-from synthpert.cli import CommandError, settings_type
+from synthpert.cli import CommandError, add_settings_arguments
 from synthpert.io import atomic_path, write_csv
+from synthpert.settings import Train
 
 log = logging.getLogger(__name__)
 
@@ -67,39 +68,6 @@ PROBE = [
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainSettings:
-    """The `train` section of config/schema.yaml (defaults: the paper's)."""
-
-    model: str = "student"
-    variants: tuple[str, ...] = ("synthpert", "sft_data")  # used by the workflow, not here
-    epochs: float = 50
-    max_steps: int = -1
-    learning_rate: float = 1.0e-4
-    warmup_steps: int = 5
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    max_length: int = 2048
-    lora_r: int = 32
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    load_in_4bit: bool = False
-    save_steps: int = 500
-    logging_steps: int = 10
-    seed: int = 3407
-    chat_template: str | None = None
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainSettings:
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise CommandError(f"unknown train settings {unknown}; expected some of {sorted(known)}")
-        values = {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
-        return cls(**values)
-
-
-@dataclasses.dataclass(frozen=True)
 class ChatTemplate:
     """The template that renders training rows, where it came from, and how the loss is masked."""
 
@@ -109,17 +77,6 @@ class ChatTemplate:
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def student_spec(settings: dict[str, Any], cfg: TrainSettings) -> dict[str, Any]:
-    """The entry of `settings["models"]` named by `train.model`; it must be a local model."""
-    models = settings.get("models") or {}
-    if cfg.model not in models:
-        raise CommandError(f"train.model {cfg.model!r} is not among the models {sorted(models)}")
-    spec = models[cfg.model]
-    if spec.get("backend") != "local":
-        raise CommandError(f"the student {cfg.model!r} must use backend 'local', not {spec.get('backend')!r}")
-    return spec
 
 
 def model_path(name: str) -> str:
@@ -231,9 +188,9 @@ def precision(dtype_setting: str = "auto", load_in_4bit: bool = False) -> tuple[
     return getattr(torch, dtype_setting), dtype_setting
 
 
-def load_student(path: str, dtype, load_in_4bit: bool = False):
+def load_student(path: str, dtype, load_in_4bit: bool = False, revision: str | None = None):
     """The base model, optionally quantised to 4 bit (QLoRA)."""
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype, "revision": revision}
     if load_in_4bit:
         try:
             import bitsandbytes  # noqa: F401
@@ -252,7 +209,7 @@ def load_student(path: str, dtype, load_in_4bit: bool = False):
     return model
 
 
-def lora_config(cfg: TrainSettings):
+def lora_config(cfg: Train):
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -264,7 +221,7 @@ def lora_config(cfg: TrainSettings):
 
 
 def build_trainer(
-    model, tokenizer, conversations, cfg: TrainSettings, template: ChatTemplate, checkpoint_dir, callbacks=()
+    model, tokenizer, conversations, cfg: Train, template: ChatTemplate, checkpoint_dir, callbacks=()
 ) -> SFTTrainer:
     """The SFTTrainer of a training run; TRL tokenises and masks the rows here.
 
@@ -420,20 +377,20 @@ def _move_into_place(staging: Path, out_dir: Path, names: list[str]) -> None:
 # --------------------------------------------------------------------------- the step
 
 
-def train(data, settings: dict[str, Any], out_dir, checkpoint_dir=None) -> dict[str, Any]:
+def train(data, cfg: Train, out_dir, checkpoint_dir=None) -> dict[str, Any]:
     """Fine-tune the student on one SFT table; returns the metrics written to train_metrics.json."""
     data, out_dir = Path(data), Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
-    cfg = TrainSettings.from_dict(settings.get("train") or {})
     for name in ("max_length", "batch_size", "save_steps", "logging_steps", "lora_r"):
         if getattr(cfg, name) < 1:
             raise CommandError(f"train.{name} must be at least 1, got {getattr(cfg, name)}")
-    spec = student_spec(settings, cfg)
-    dtype, dtype_name = precision(spec.get("dtype", "auto"), cfg.load_in_4bit)  # fails before loading anything
+    if cfg.model.backend != "local":
+        raise CommandError(f"the student {cfg.model.model!r} must use backend 'local', not {cfg.model.backend!r}")
+    dtype, dtype_name = precision(cfg.model.dtype, cfg.load_in_4bit)  # fails before loading anything
     conversations = read_conversations(data)
-    student = model_path(spec["model"])
+    student = model_path(cfg.model.model)
 
-    tokenizer = AutoTokenizer.from_pretrained(student)
+    tokenizer = AutoTokenizer.from_pretrained(student, revision=cfg.model.revision)
     template = resolve_chat_template(tokenizer, cfg.chat_template)
     lengths = token_lengths(tokenizer, conversations, template)
     keep = [n <= cfg.max_length for n in lengths]
@@ -451,10 +408,11 @@ def train(data, settings: dict[str, Any], out_dir, checkpoint_dir=None) -> dict[
         "%d conversations (%d tokens) with %s; loss: %s", len(kept), kept_tokens, template.source, template.loss
     )
 
-    identity = {**dataclasses.asdict(cfg), "variants": None, "model": student, "dtype": dtype_name}
-    identity["template"] = template.text
+    # What decides the weights: a checkpoint of other data or settings is never resumed
+    # (checkpoint and logging intervals are run settings and do not count).
+    identity = {**cfg.params(), "student": student, "dtype": dtype_name, "template": template.text}
     resume = resume_point(checkpoint_dir, fingerprint(data, identity))
-    model = load_student(student, dtype, cfg.load_in_4bit)
+    model = load_student(student, dtype, cfg.load_in_4bit, cfg.model.revision)
     counter = TokenCounter()
     trainer = build_trainer(model, tokenizer, kept, cfg, template, checkpoint_dir, [counter])
     check_loss_covers_assistant(tokenizer, trainer.train_dataset[0], kept[0][-1]["content"])
@@ -514,7 +472,7 @@ def train(data, settings: dict[str, Any], out_dir, checkpoint_dir=None) -> dict[
 
 def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="SFT table (parquet with a 'messages' column)")
-    parser.add_argument("--settings", required=True, type=settings_type, help='JSON {"train": {...}, "models": {...}}')
+    add_settings_arguments(parser, "train")
     parser.add_argument(
         "--out-dir", required=True, help="folder for adapter/, train_log.csv, loss.png and train_metrics.json"
     )
@@ -524,4 +482,4 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> None:
-    train(args.data, args.settings, args.out_dir, args.checkpoint_dir)
+    train(args.data, Train.from_cli(args.settings, args.run), args.out_dir, args.checkpoint_dir)

@@ -1,0 +1,5 @@
+"""The errors every layer raises for its user: printed without a traceback."""
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work (the schema's checks, or a cross-reference)."""

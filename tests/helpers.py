@@ -1,0 +1,36 @@
+"""Configurations and step settings for tests, built the way the workflow builds them."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from synthpert import config as cfg
+from synthpert import settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def change(config: dict, **changes) -> dict:
+    """A copy of `config` with dotted keys set (`**{"train.learning_rate": 1e-3}`)."""
+    config = copy.deepcopy(config)
+    for dotted, value in changes.items():
+        node = config
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return config
+
+
+def demo_config(**changes) -> dict:
+    """config/demo.yaml with `changes`, validated and completed with the schema's defaults."""
+    raw = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    return cfg.complete(change(raw, **changes))
+
+
+def step_settings(step: str, config: dict | None = None, **wildcards) -> settings.Settings:
+    """The typed settings a rule passes to `step`, from `config` (default: the demo's)."""
+    return settings.for_step(config if config is not None else demo_config(), step, **wildcards)

@@ -1,0 +1,137 @@
+"""The workflow re-runs exactly what changed, checked with the real Snakemake on a small
+finished run: settings that only change how steps run plan nothing, a new row plans only
+its own jobs, and retrained weights answer afresh under new request keys."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import change
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = REPO / "data" / "perturbqa-demo"
+EXPENSIVE = {"fetch", "prepare", "trace_sample", "traces", "critic_grade", "critic_select", "train", "questions", "predict"}
+
+
+def small_config() -> dict:
+    """config/demo.yaml cut to two cell lines (PerturbQA's split), one trained variant
+    and short generations: every kind of job, in a few minutes on 2 cores."""
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    cells = ["k562", "rpe1"]
+    config["data"].update(source=str(DEMO_DATA), cells=cells, holdout=[])
+    config["data"]["sha256"] = {k: v for k, v in config["data"]["sha256"].items() if k.split("-")[0] in cells}
+    config["traces"].update(sample={"count": 12, "seed": 88, "balanced": True}, generation={"max_new_tokens": 96})
+    config["critic"]["keep_grades"] = ["excellent", "good", "average", "bad", "terrible"]
+    config["train"].update(variants=["synthpert"], max_steps=2, save_steps=1)
+    config["evaluate"].update(
+        rows=["majority", "gene_prior", "base", "synthpert"], sample={"count": 2, "seed": 88},
+        generation={"max_new_tokens": 8}, bootstrap=20,
+    )  # fmt: skip
+    return config
+
+
+def snakemake(work: Path, config: dict, *args: str, timeout: int = 1500) -> str:
+    path = work / f"config-{abs(hash(json.dumps(config, sort_keys=True)))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(work)]
+    done = subprocess.run(
+        [*cmd, "--cores", "2", *args, "--configfile", str(path)], capture_output=True, text=True, timeout=timeout
+    )
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-5000:]
+    return log
+
+
+def planned(log: str) -> list[tuple[str, dict]]:
+    """(rule, wildcards) of every job a dry run plans."""
+    jobs = []
+    for rule, body in re.findall(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", log, re.MULTILINE | re.DOTALL):
+        found = re.search(r"^\s+wildcards: (.*)$", body, re.MULTILINE)
+        wildcards = dict(item.split("=", 1) for item in found.group(1).split(", ")) if found else {}
+        jobs.append((rule, wildcards))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, embedded_model) -> tuple[Path, dict]:
+    """A finished run of the small configuration."""
+    work = tmp_path_factory.mktemp("rerun")
+    (work / "resources" / "models").mkdir(parents=True)
+    (work / "resources" / "models" / embedded_model.name).symlink_to(embedded_model)
+    config = small_config()
+    snakemake(work, config)
+    assert "Nothing to be done" in snakemake(work, config, "-n")
+    return work, config
+
+
+@pytest.mark.slow
+def test_result_neutral_changes_plan_no_expensive_job(finished, tmp_path):
+    work, config = finished
+    mirror = tmp_path / "mirror"
+    shutil.copytree(DEMO_DATA, mirror)  # the same checksummed bytes elsewhere
+    neutral = change(
+        config,
+        **{
+            "data.source": str(mirror),
+            "models.teacher.max_concurrency": 3,
+            "models.teacher.batch_size": 2,
+            "models.critic.max_retries": 1,
+            "models.critic.timeout_s": 5,
+            "models.student.batch_size": 3,
+            "traces.max_requests": 1000,
+            "traces.max_tokens": 10**7,
+            "train.logging_steps": 5,
+            "train.save_steps": 7,
+            "evaluate.bootstrap": 30,
+        },
+    )
+    jobs = planned(snakemake(work, neutral, "-n"))
+    assert not [job for job in jobs if job[0] in EXPENSIVE], jobs
+    assert {rule for rule, _ in jobs} <= {"class_table", "plot_views", "all"}  # new bootstrap intervals only
+
+
+@pytest.mark.slow
+def test_a_new_row_plans_only_its_own_jobs(finished):
+    work, config = finished
+    wider = change(config, **{"evaluate.rows": [*config["evaluate"]["rows"], "knn", "teacher"]})
+    jobs = planned(snakemake(work, wider, "-n"))
+    rules = {rule for rule, _ in jobs}
+    assert {"baseline", "predict"} <= rules
+    assert rules <= {"baseline", "predict", "auroc_table", "class_table", "plot_roc", "plot_confusion", "plot_views", "all"}
+    assert {w["row"] for rule, w in jobs if rule in ("baseline", "predict")} == {"knn", "teacher"}
+
+
+@pytest.mark.slow
+def test_retraining_answers_afresh_under_new_keys(finished):
+    work, config = finished
+    answers = work / "results" / "predictions" / "default"
+    trained_log = answers / "synthpert" / "k562" / "0.requests.jsonl"
+    base_log = answers / "base" / "k562" / "0.requests.jsonl"
+    before, base_before = trained_log.read_text(), base_log.read_text()
+    adapter = work / "results" / "models" / "default" / "synthpert" / "adapter" / "adapter_model.safetensors"
+    weights_before = adapter.read_bytes()
+
+    retrained = change(config, **{"train.learning_rate": config["train"]["learning_rate"] / 10})
+    jobs = planned(snakemake(work, retrained, "-n", "results/table3.csv"))
+    assert sorted(w.get("variant", w.get("row")) for rule, w in jobs if rule in ("train", "predict")) == [
+        "synthpert", "synthpert", "synthpert"  # one adapter, its two cell lines
+    ]  # fmt: skip
+    snakemake(work, retrained, "results/table3.csv")
+
+    assert adapter.read_bytes() != weights_before
+    after = trained_log.read_text()
+    assert after.startswith(before)  # the old adapter's answers are untouched
+    old = {json.loads(line)["key"] for line in before.splitlines()}
+    new = [json.loads(line) for line in after[len(before) :].splitlines()]
+    assert new and not old & {record["key"] for record in new}  # new weights, new keys: all asked again
+    assert len({record["model"] for record in new}) == 1 and new[0]["model"] not in before
+    predict_log = (work / "logs" / "predict" / "default" / "synthpert" / "k562" / "0.log").read_text()
+    assert "already answered" not in predict_log
+    assert base_log.read_text() == base_before  # the base model did not change: not asked again
