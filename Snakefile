@@ -13,7 +13,7 @@ min_version("8.20")
 
 if not workflow.overwrite_configfiles:
 
-    configfile: "config/demo.yaml"
+    configfile: f"{workflow.basedir}/config/demo.yaml"
 
 
 validate(config, "config/schema.yaml")

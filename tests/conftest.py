@@ -1,5 +1,6 @@
-"""Shared fixtures. The embedded model is converted once per machine into
-resources/models/ (the same folder the demo uses) and reused by every test."""
+"""Shared fixtures. The embedded model is converted once per machine into the user's
+cache (`synthpert.embedded.cache_dir`, shared with the demo) and reused by every test;
+no test reads or writes the checkout's results/, logs/, resources/ or .snakemake/."""
 
 from __future__ import annotations
 
@@ -11,11 +12,36 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_PERTURBQA = REPO.parent / "shared" / "perturbqa"
 
 
+WORKFLOW_STATE = ("results", "logs", "resources", ".snakemake")
+
+
+def workflow_state() -> dict[str, tuple[int, int]]:
+    """Every file of the checkout's workflow folders with its size and modification time."""
+    state = {}
+    for name in WORKFLOW_STATE:
+        for path in (REPO / name).rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                stat = path.stat()
+                state[str(path.relative_to(REPO))] = (stat.st_size, stat.st_mtime_ns)
+    return state
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_untouched():
+    """The suite passes the same in a clean checkout and after `make demo`: no test reads
+    or writes the checkout's results/, logs/, resources/ or .snakemake/ (checked at the end)."""
+    before = workflow_state()
+    yield
+    after = workflow_state()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"tests changed the checkout's workflow state: {changed[:20]}"
+
+
 @pytest.fixture(scope="session")
 def embedded_model() -> Path:
-    from synthpert.embedded import ensure_embedded_model
+    from synthpert.embedded import cached_embedded_model
 
-    return ensure_embedded_model(REPO / "resources" / "models" / "smollm2-135m-instruct")
+    return cached_embedded_model()
 
 
 @pytest.fixture(scope="session")

@@ -359,12 +359,10 @@ def test_documented_profile_command_works_from_the_repo_root(name, tmp_path):
 
 
 @pytest.mark.slurm
-def test_demo_runs_through_slurm_with_the_profile(slurm_cluster, tmp_path):
+def test_demo_runs_through_slurm_with_the_profile(slurm_cluster, embedded_model, tmp_path):
     work = tmp_path / "work"
     (work / "resources" / "models").mkdir(parents=True)
-    model = REPO / "resources" / "models" / "smollm2-135m-instruct"
-    if model.exists():
-        (work / "resources" / "models" / model.name).symlink_to(model)
+    (work / "resources" / "models" / embedded_model.name).symlink_to(embedded_model)
     config = small_demo_config(tmp_path / "small.yaml")
     profile_dir, profile = slurm_test_profile(tmp_path / "profile")
     cmd = [

