@@ -16,7 +16,7 @@ if not workflow.overwrite_configfiles:
     configfile: f"{workflow.basedir}/config/demo.yaml"
 
 
-validate(config, "config/schema.yaml")
+validate(config, "src/synthpert/core/schema.yaml")
 
 
 include: "rules/common.smk"

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from synthpert import data, download
-from synthpert.io import write_csv, write_parquet
+from synthpert.core.io import write_csv, write_parquet
+from synthpert.steps import fetch as download
+from synthpert.steps import prepare as data
 
 REPO = Path(__file__).resolve().parents[1]
 

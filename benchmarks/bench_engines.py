@@ -37,8 +37,8 @@ def build_requests(n: int, max_new_tokens: int):
     import polars as pl
 
     from synthpert import prompts
-    from synthpert.labels import CLASS_NAMES, DOWN, NOT_DE, UP
-    from synthpert.llm import Request
+    from synthpert.core.labels import CLASS_NAMES, DOWN, NOT_DE, UP
+    from synthpert.llm.requests import Request
 
     rows = []
     for path in sorted(DATA.glob("*-de.csv")):
@@ -65,7 +65,7 @@ def worker(args) -> None:
     """One run of one engine; writes its figures and answers as JSON to --out."""
     import dataclasses
 
-    from synthpert.llm import Request, RequestLog
+    from synthpert.llm.requests import Request, RequestLog
 
     spec = {"model": args.model, "dtype": "float32", "max_model_len": args.max_model_len}
     requests = build_requests(args.questions, args.max_new_tokens)
@@ -75,11 +75,11 @@ def worker(args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        from synthpert.backend_local import LocalBackend
+        from synthpert.llm.local import LocalBackend
 
         backend = LocalBackend({**spec, "backend": "local", "batch_size": args.batch_size})
     else:
-        from synthpert.backend_vllm import VLLMBackend
+        from synthpert.llm.vllm_engine import VLLMBackend
 
         backend = VLLMBackend({**spec, "backend": "vllm", "cpu_threads": args.threads, "kv_cache_space": args.kv_cache_space,
                                **({"block_size": args.block_size} if args.block_size else {})})

@@ -64,8 +64,8 @@ def build_model(workdir: Path, tokenizer_dir: str) -> None:
 
 def build_requests(n: int, max_new_tokens: int):
     from synthpert import prompts
-    from synthpert.labels import CLASS_NAMES, DOWN, NOT_DE, UP
-    from synthpert.llm import Request
+    from synthpert.core.labels import CLASS_NAMES, DOWN, NOT_DE, UP
+    from synthpert.llm.requests import Request
 
     options = tuple(CLASS_NAMES[c] for c in (NOT_DE, DOWN, UP))
     return [
@@ -76,17 +76,17 @@ def build_requests(n: int, max_new_tokens: int):
 
 
 def worker(args) -> None:
-    from synthpert.llm import RequestLog
+    from synthpert.llm.requests import RequestLog
 
     spec = {"model": args.workdir, "dtype": "bfloat16", "max_model_len": 4096}
     requests = build_requests(args.requests, args.max_new_tokens)
     started = time.perf_counter()
     if args.worker == "local":
-        from synthpert.backend_local import LocalBackend
+        from synthpert.llm.local import LocalBackend
 
         backend = LocalBackend({**spec, "backend": "local", "batch_size": args.batch_size})
     else:
-        from synthpert.backend_vllm import VLLMBackend
+        from synthpert.llm.vllm_engine import VLLMBackend
 
         backend = VLLMBackend({**spec, "backend": "vllm", "gpu_memory_utilization": 0.85, "max_num_seqs": 256})
         backend.engine.start()

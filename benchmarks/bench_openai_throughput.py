@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from synthpert.llm import Request, RequestLog, make_backend
+from synthpert.llm.backends import make_backend
+from synthpert.llm.requests import Request, RequestLog
 
 FAKE_SERVER = Path(__file__).resolve().parents[1] / "tests" / "fake_openai.py"
 

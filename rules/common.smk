@@ -1,10 +1,10 @@
-import json
+import re
 import shlex
 
-from synthpert import config as cfg
-from synthpert import rows
-from synthpert import settings as step_settings
-from synthpert.embedded import embedded_dir, is_embedded
+from synthpert.core import config as cfg
+from synthpert.core import rows, splits
+from synthpert.core import settings as step_settings
+from synthpert.llm.embedded import embedded_dir, is_embedded
 
 cfg.check(config)
 
@@ -14,14 +14,17 @@ cfg.check(config)
 SRC = shlex.quote(f"{workflow.basedir}/src")
 shell.prefix(f"set -euo pipefail; export PYTHONPATH={SRC}:${{{{PYTHONPATH:-}}}}; ")
 
-SPLITS = cfg.splits(config)
+SPLITS = splits.splits(config)
 FILES = [f"{c}-{k}.csv" for c in config["data"]["cells"] for k in ("de", "dir")]
 LLM_ROWS = [r for r in config["evaluate"]["rows"] if r in rows.LLM_ROWS]
 BASELINE_ROWS = [r for r in config["evaluate"]["rows"] if r not in rows.LLM_ROWS]
-HOLDOUT_TABLE_SPLIT = "rpe1_holdout"
+# Table 4: the first held-out cell line (the paper holds out RPE1).
+HOLDOUT_TABLE_SPLIT = SPLITS[1] if len(SPLITS) > 1 else None
 # critic_select always writes both plain variants; the balanced one only when trained.
-SFT_VARIANTS = ["synthpert", "sft_data"] + [
-    v for v in config["train"]["variants"] if v == "synthpert_balanced"
+SFT_VARIANTS = [
+    v
+    for v in rows.TRAINED_ROWS
+    if v != "synthpert_balanced" or v in config["train"]["variants"]
 ]
 
 
@@ -29,12 +32,12 @@ wildcard_constraints:
     split="|".join(SPLITS),
     cell="|".join(config["data"]["cells"]),
     shard=r"\d+",
-    variant="synthpert|sft_data|synthpert_balanced",
+    variant="|".join(rows.TRAINED_ROWS),
     row="|".join(config["evaluate"]["rows"]),
 
 
 def result_settings(step):
-    """What decides a step's output, as JSON (`synthpert.settings`): a job re-runs when it
+    """What decides a step's output, as JSON (`synthpert.core.settings`): a job re-runs when it
     changes. Use as `params: settings=result_settings(step)`."""
     return lambda wildcards: step_settings.for_step(
         config, step, **dict(wildcards.items())
@@ -62,13 +65,13 @@ def model_files(name):
 def trace_shards(wildcards):
     return [
         f"results/traces/{wildcards.split}/{cell}/{shard}.graded.parquet"
-        for cell in cfg.train_cells(config, wildcards.split)
+        for cell in splits.train_cells(config, wildcards.split)
         for shard in range(config["traces"]["shards"])
     ]
 
 
 def predictions(split, row):
-    cells = cfg.test_cells(config, split)
+    cells = splits.test_cells(config, split)
     if row in BASELINE_ROWS:
         return [f"results/predictions/{split}/{row}/{cell}.parquet" for cell in cells]
     return [
@@ -117,7 +120,7 @@ def row_model(wildcards):
 def row_adapter(wildcards):
     """The fine-tuned adapter of a trained row."""
     if wildcards.row in rows.TRAINED_ROWS:
-        return [f"results/models/{wildcards.split}/{wildcards.row}/adapter"]
+        return [str(rows.adapter_dir(wildcards.split, wildcards.row))]
     return []
 
 
@@ -157,7 +160,7 @@ def screen_inputs(wildcards):
         "model": model_files(name),
     }
     if screen.trained:
-        inputs["adapter"] = f"results/models/{split}/{wildcards.model}/adapter"
+        inputs["adapter"] = str(rows.adapter_dir(split, wildcards.model))
     return inputs
 
 

@@ -4,7 +4,7 @@ rule fetch:
     log:
         "logs/fetch/{file}.log",
     wildcard_constraints:
-        file=r"(k562|rpe1|hepg2|jurkat)-(de|dir)\.csv",
+        file="|".join(re.escape(f) for f in FILES),
     conda:
         "../envs/data.yaml"
     params:

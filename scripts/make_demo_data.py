@@ -13,8 +13,8 @@ from pathlib import Path
 
 import polars as pl
 
-from synthpert.download import sha256_file
-from synthpert.labels import CELLS
+from synthpert.core.labels import CELLS
+from synthpert.steps.fetch import sha256_file
 
 ATTRIBUTION = """\
 # PerturbQA demo subset

@@ -1,5 +1,5 @@
 """Shared fixtures. The embedded model is converted once per machine into the user's
-cache (`synthpert.embedded.cache_dir`, shared with the demo) and reused by every test;
+cache (`synthpert.llm.embedded.cache_dir`, shared with the demo) and reused by every test;
 no test reads or writes the checkout's results/, logs/, resources/ or .snakemake/."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def checkout_untouched():
 
 @pytest.fixture(scope="session")
 def embedded_model() -> Path:
-    from synthpert.embedded import cached_embedded_model
+    from synthpert.llm.embedded import cached_embedded_model
 
     return cached_embedded_model()
 

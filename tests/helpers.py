@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from synthpert import config as cfg
-from synthpert import settings
+from synthpert.core import config as cfg
+from synthpert.core import settings
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """`synthpert ask` and `synthpert screen` with a fine-tuned adapter, offline.
 
 A workspace is built once: the data step on the demo subset, a configuration whose models
-are the embedded SmolLM2, and a LoRA adapter trained by `synthpert.train.train` (one step
+are the embedded SmolLM2, and a LoRA adapter trained by `synthpert.steps.train.train` (one step
 on two rows: a real trained adapter, at the least cost) laid out where the workflow puts
 it (`results/models/default/synthpert/adapter`). Generation budgets are a few tokens.
 """
@@ -16,16 +16,16 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-
 from helpers import change, step_settings
 
-from synthpert import ask, cli, prompts, screen
-from synthpert.config import complete
-from synthpert.settings import Generation
-from synthpert.cli import CommandError
-from synthpert.evaluate import answer_records, build_requests
-from synthpert.labels import class_probabilities
-from synthpert.labels import CELLS, CLASS_NAMES, NOT_DE, UP
+from synthpert import cli
+from synthpert.core import prompts
+from synthpert.core.config import complete
+from synthpert.core.labels import CELLS, CLASS_NAMES, NOT_DE, UP, class_probabilities
+from synthpert.core.settings import Generation
+from synthpert.errors import CommandError
+from synthpert.evaluation.answers import answer_records, build_requests
+from synthpert.tools import ask, screen
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "perturbqa-demo"
@@ -47,7 +47,7 @@ class Workspace:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, embedded_model) -> Workspace:
-    from synthpert.train import train
+    from synthpert.steps.train import train
 
     root = tmp_path_factory.mktemp("ask_screen")
     results = root / "results"
@@ -168,7 +168,7 @@ def test_model_resolution(ws, tmp_path):
     other = ask.resolve_model(str(foreign), settings, "default", ws.results)
     assert other.name == "my_adapter" and other.split is None
     assert other.spec == {**ask.model_defaults(), "backend": "local", "model": "org/other-model"}
-    assert other.spec["batch_size"] == 8 and other.spec["dtype"] == "auto"  # config/schema.yaml defaults
+    assert other.spec["batch_size"] == 8 and other.spec["dtype"] == "auto"  # the schema's defaults
 
     with pytest.raises(CommandError, match="is not a PEFT adapter"):
         ask.resolve_model(str(tmp_path), settings, "default", ws.results)

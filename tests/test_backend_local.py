@@ -6,9 +6,10 @@ import math
 
 import pytest
 
-from synthpert.backend_local import LocalBackend
-from synthpert.cli import CommandError
-from synthpert.llm import Request, RequestLog, SpendingGuard, adapter_digest
+from synthpert.errors import CommandError
+from synthpert.llm.identity import adapter_digest
+from synthpert.llm.local import LocalBackend
+from synthpert.llm.requests import Request, RequestLog, SpendingGuard
 
 pytestmark = pytest.mark.slow
 

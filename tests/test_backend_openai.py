@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 from fake_openai import FakeOpenAI, default_answer, hang, rate_limited, rejected_key, reply, server_error
 
-from synthpert.backend_openai import OpenAIBackend
-from synthpert.cli import CommandError
-from synthpert.llm import Request, RequestLog, SpendingGuard, make_backend, api_identity
+from synthpert.errors import CommandError
+from synthpert.llm.backends import make_backend
+from synthpert.llm.identity import api_identity
+from synthpert.llm.openai_api import OpenAIBackend
+from synthpert.llm.requests import Request, RequestLog, SpendingGuard
 
 KEY_ENV = "SYNTHPERT_TEST_OPENAI_KEY"
 SENTINEL = "sk-SENTINEL-7f3a9c1e-never-write-me"
@@ -188,7 +190,8 @@ CHILD = """
 import json, sys
 sys.path.insert(0, {tests!r})
 from test_backend_openai import questions, fast_backend
-from synthpert.llm import RequestLog, api_identity
+from synthpert.llm.requests import RequestLog
+from synthpert.llm.identity import api_identity
 spec, log_path, n = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 fast_backend(spec).run(questions(n), RequestLog(log_path))
 """

@@ -15,11 +15,11 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from synthpert.backend_local import LocalBackend  # noqa: E402
-from synthpert.backend_vllm import VLLMBackend  # noqa: E402
-from synthpert.labels import CLASS_NAMES, DOWN, NOT_DE, UP  # noqa: E402
-from synthpert.llm import Request, RequestLog, SpendingGuard  # noqa: E402
-from synthpert.prompts import question_messages  # noqa: E402
+from synthpert.core.labels import CLASS_NAMES, DOWN, NOT_DE, UP  # noqa: E402
+from synthpert.core.prompts import question_messages  # noqa: E402
+from synthpert.llm.local import LocalBackend  # noqa: E402
+from synthpert.llm.requests import Request, RequestLog, SpendingGuard  # noqa: E402
+from synthpert.llm.vllm_engine import VLLMBackend  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

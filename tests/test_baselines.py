@@ -14,8 +14,8 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from synthpert import baselines
 from synthpert.cli import main as cli_main
+from synthpert.evaluation import baselines
 
 ROWS = [
     ("k562", "P1", "g1", 2, "train"),

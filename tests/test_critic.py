@@ -6,17 +6,17 @@ import json
 
 import polars as pl
 import pytest
+from helpers import demo_config, step_settings
 from test_traces import FakeBackend
 
-from helpers import demo_config, step_settings
-
-from synthpert.cli import CommandError
 from synthpert.cli import main as cli_main
-from synthpert.critic import balanced, grade_traces, kept_expr, select
-from synthpert.labels import CLASS_NAMES, UP
-from synthpert.prompts import GRADES, SYSTEM_PROMPT, question_messages
-from synthpert.settings import CriticGrade, CriticSelect
-from synthpert.traces import TRACE_SCHEMA, request_log_path
+from synthpert.core.labels import CLASS_NAMES, UP
+from synthpert.core.prompts import GRADES, SYSTEM_PROMPT, question_messages
+from synthpert.core.settings import CriticGrade, CriticSelect
+from synthpert.errors import CommandError
+from synthpert.llm.requests import request_log_path
+from synthpert.steps.critic import balanced_kept, grade_traces, kept_expr, select
+from synthpert.steps.traces import TRACE_SCHEMA
 
 
 def traces_table(n: int = 9, cell: str = "k562") -> pl.DataFrame:
@@ -264,11 +264,11 @@ def test_select_without_balanced_skips_it(tmp_path):
 def test_balanced_is_seeded_and_refuses_a_missing_class():
     kept = graded_table().filter(kept_expr(["excellent", "good"]))
     kept = kept.filter(~pl.col("tid").is_in(["rpe1:P0:G0", "rpe1:P3:G3"]))  # 5 / 7 / 7 per class
-    assert balanced(kept, 88).height == 15
-    assert balanced(kept, 88).equals(balanced(kept, 88))
-    assert not balanced(kept, 88).equals(balanced(kept, 1))
+    assert balanced_kept(kept, 88).height == 15
+    assert balanced_kept(kept, 88).equals(balanced_kept(kept, 88))
+    assert not balanced_kept(kept, 88).equals(balanced_kept(kept, 1))
     with pytest.raises(CommandError, match=r"none are kept for \['upregulated'\]"):
-        balanced(kept.filter(pl.col("label") != UP), 88)
+        balanced_kept(kept.filter(pl.col("label") != UP), 88)
 
 
 def test_nothing_kept_names_the_split_and_shows_counts(tmp_path):

@@ -11,8 +11,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from synthpert import data, download
-from synthpert.cli import CommandError, main as cli_main
+from synthpert.cli import main as cli_main
+from synthpert.errors import CommandError
+from synthpert.steps import fetch as download
+from synthpert.steps import prepare as data
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "perturbqa-demo"
 PAPER_TABLE5 = {

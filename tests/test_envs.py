@@ -17,10 +17,10 @@ import json
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
@@ -34,16 +34,16 @@ ENVS = REPO / "envs"
 CONDA_TO_PYPI = {"pytorch": "torch", "pytorch-gpu": "torch", "matplotlib-base": "matplotlib"}
 # What a module needs at run time that no import statement shows.
 RUNTIME_NEEDS = {
-    "synthpert.embedded": {"gguf", "pip"},  # transformers reads the GGUF through gguf; pip fetches the wheel
+    "synthpert.llm.embedded": {"gguf", "pip"},  # transformers reads the GGUF through gguf; pip fetches the wheel
 }
 # Imports inside functions that a rule's step never calls (rule -> (module, function)).
 NOT_REACHED = {
     # `traces sample` draws the question sample and builds no LLM backend.
-    "trace_sample": {("synthpert.llm", f) for f in ("make_backend", "resolve_local_model", "local_identity", "hub_revision")},
+    "trace_sample": {("synthpert.llm.backends", "make_backend"), ("synthpert.llm.backends", "resolve_local_model")},
     # `critic select` filters graded tables and builds no LLM backend.
-    "critic_select": {("synthpert.llm", f) for f in ("make_backend", "resolve_local_model", "local_identity", "hub_revision")},
+    "critic_select": {("synthpert.llm.backends", "make_backend"), ("synthpert.llm.backends", "resolve_local_model")},
     # The rule passes --settings, so `screen` never reads a config file (which needs snakemake).
-    "screen": {("synthpert.config", "complete")},
+    "screen": {("synthpert.core.config", "complete")},
 }
 STEP = re.compile(r"python -m synthpert ([\w-]+)")
 
@@ -214,11 +214,11 @@ def test_each_environment_provides_what_its_step_imports(rules):
 
 def test_the_import_analysis_sees_lazy_and_transitive_imports():
     """A guard that the check above can fail: predict reaches torch and openai only via
-    functions of synthpert.llm, and train imports bitsandbytes inside a function."""
-    predict = third_party_needs("predict", "synthpert.evaluate")
+    functions of synthpert.llm.backends, and train imports bitsandbytes inside a function."""
+    predict = third_party_needs("predict", "synthpert.steps.predict")
     assert {"torch", "transformers", "peft", "openai", "polars"} <= set(predict)
-    assert predict["openai"] == "synthpert.backend_openai"
-    assert "bitsandbytes" in third_party_needs("train", "synthpert.train")
-    assert "torch" not in third_party_needs("critic_select", "synthpert.critic")
-    assert "torch" in third_party_needs("critic_grade", "synthpert.critic")
+    assert predict["openai"] == "synthpert.llm.openai_api"
+    assert "bitsandbytes" in third_party_needs("train", "synthpert.steps.train")
+    assert "torch" not in third_party_needs("critic_select", "synthpert.steps.critic")
+    assert "torch" in third_party_needs("critic_grade", "synthpert.steps.critic")
     assert distribution("sklearn") == "scikit-learn" and distribution("yaml") == "pyyaml"

@@ -7,8 +7,9 @@ import os
 import shutil
 from pathlib import Path
 
-from synthpert.digest import folder_digest
-from synthpert.llm import Request, local_identity
+from synthpert.core.digest import folder_digest
+from synthpert.llm.identity import local_identity
+from synthpert.llm.requests import Request
 
 REQUEST = Request(messages=(("user", "Does knocking down MYC change TP53?"),), max_new_tokens=8)
 TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from synthpert.cli import CommandError
-from synthpert.llm import Request, RequestLog, Response, SpendingGuard, api_key, make_backend, plan
+from synthpert.errors import CommandError
+from synthpert.llm.backends import api_key, make_backend
+from synthpert.llm.requests import Request, RequestLog, Response, SpendingGuard, plan
 
 
 def ask(text: str, **kwargs) -> Request:

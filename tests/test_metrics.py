@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 from sklearn.metrics import matthews_corrcoef, roc_auc_score
 
-from synthpert.metrics import (
+from synthpert.evaluation.metrics import (
     METRIC_NAMES,
     auroc_paper,
     auroc_paper_subsets,

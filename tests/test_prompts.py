@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from synthpert.labels import CLASS_NAMES, DOWN, NOT_DE, UP
-from synthpert.prompts import (
+from synthpert.core.labels import CLASS_NAMES, DOWN, NOT_DE, UP
+from synthpert.core.prompts import (
     CRITIC_RESPONSE_FORMAT,
     GRADES,
     SYSTEM_PROMPT,

@@ -18,9 +18,10 @@ import polars as pl
 import pytest
 
 from synthpert.cli import main as cli_main
-from synthpert.metrics import METRIC_NAMES
-from synthpert.plots import confusion_figure, views_figure
-from synthpert.tables import default_reported_path, load_predictions
+from synthpert.evaluation.metrics import METRIC_NAMES
+from synthpert.evaluation.predictions import load_predictions
+from synthpert.steps.plots import confusion_figure, views_figure
+from synthpert.steps.tables import default_reported_path
 
 QUESTIONS = [
     (0, "k562", "T1", "gA", 0),

@@ -7,16 +7,14 @@ from collections.abc import Callable
 
 import polars as pl
 import pytest
-
 from helpers import demo_config, step_settings
 
-from synthpert.cli import CommandError
 from synthpert.cli import main as cli_main
-from synthpert.config import ConfigError
-from synthpert.labels import CLASS_NAMES, DOWN, NOT_DE, UP
-from synthpert.llm import Request, RequestLog, Response, SpendingGuard, plan
-from synthpert.settings import Sample, Traces
-from synthpert.traces import draw_sample, request_log_path, run_shard, usage_path
+from synthpert.core.labels import CLASS_NAMES, DOWN, NOT_DE, UP
+from synthpert.core.settings import Sample, Traces
+from synthpert.errors import CommandError, ConfigError
+from synthpert.llm.requests import Request, RequestLog, Response, SpendingGuard, plan, request_log_path
+from synthpert.steps.traces import draw_sample, run_shard, usage_path
 
 LABEL_OF_SYSTEM = {f"is given to you {name}.": cls for cls, name in CLASS_NAMES.items()}
 

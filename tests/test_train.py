@@ -19,14 +19,13 @@ import polars as pl
 import pytest
 import trl
 import yaml
+from helpers import demo_config, step_settings
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from helpers import demo_config, step_settings
-
 from synthpert import cli
-from synthpert.cli import CommandError
-from synthpert.settings import Train
-from synthpert.train import (
+from synthpert.core.settings import Train
+from synthpert.errors import CommandError
+from synthpert.steps.train import (
     ASSISTANT_ONLY,
     COMPLETION_ONLY,
     build_trainer,
@@ -206,7 +205,7 @@ def test_killed_run_resumes_from_last_checkpoint(embedded_model, tmp_path, caplo
         proc.wait()
     assert not (out / "train_metrics.json").exists()
 
-    caplog.set_level("INFO", logger="synthpert.train")
+    caplog.set_level("INFO", logger="synthpert.steps.train")
     metrics = train(data, config, out)
     assert metrics["resumed_from_step"] in (2, 4)
     assert metrics["steps"] == 6
@@ -236,7 +235,7 @@ def test_resume_point_discards_other_runs_and_incomplete_checkpoints(tmp_path):
 def test_too_long_conversations_are_dropped_and_counted(embedded_model, tmp_path, caplog):
     conversations = [conversation(i) for i in range(7)] + [conversation(7, reasoning_words=200)]
     data = write_sft(tmp_path / "sft.parquet", conversations)
-    caplog.set_level("WARNING", logger="synthpert.train")
+    caplog.set_level("WARNING", logger="synthpert.steps.train")
     metrics = train(data, settings(str(embedded_model), max_steps=1, max_length=128), tmp_path / "out")
     assert metrics["too_long"] == 1 and metrics["examples"] == 8 and metrics["examples_trained"] == 7
     assert metrics["longest_tokens"] > 128
@@ -251,7 +250,7 @@ def test_too_long_conversations_are_dropped_and_counted(embedded_model, tmp_path
 
 
 def test_settings_are_the_schema_train_section():
-    schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())
+    schema = yaml.safe_load((REPO / "src" / "synthpert" / "core" / "schema.yaml").read_text())
     props = set(schema["properties"]["train"]["properties"])
     assert props - {"variants"} == {f for f in Train.__dataclass_fields__}  # variants: which jobs, not how
     trained = settings("x", learning_rate=2e-4, save_steps=7, logging_steps=3)

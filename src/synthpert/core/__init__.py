@@ -1,0 +1,1 @@
+"""Below every step: labels, prompts and parsers, sampling, files, configuration and settings."""

@@ -1,0 +1,70 @@
+"""Checks of the configuration that a JSON schema cannot express (cross-references),
+run by the Snakefile right after schema validation, before any job starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from synthpert.core.prompts import GRADES
+from synthpert.core.rows import ROWS, TRAINED_ROWS
+from synthpert.errors import ConfigError
+
+SCHEMA = Path(__file__).resolve().parent / "schema.yaml"  # package data: works installed too
+
+
+def complete(config: dict) -> dict:
+    """`config` validated against the schema, with its defaults filled in exactly as the
+    Snakefile does, then cross-checked (`check`). Raises ConfigError."""
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    try:
+        validate(config, str(SCHEMA))
+    except WorkflowError as err:
+        raise ConfigError(str(err)) from None
+    check(config)
+    return config
+
+
+def load(path: str | Path) -> dict:
+    """A configuration file, completed (`complete`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"configuration {path} not found")
+    return complete(yaml.safe_load(path.read_text()) or {})
+
+
+def check(config: dict) -> None:
+    data = config["data"]
+    missing = [
+        f"{cell}-{kind}.csv"
+        for cell in data["cells"]
+        for kind in ("de", "dir")
+        if f"{cell}-{kind}.csv" not in data["sha256"]
+    ]
+    if missing:
+        raise ConfigError(f"data.sha256: no pinned checksum for {missing}")
+    stray = [c for c in data["holdout"] if c not in data["cells"]]
+    if stray:
+        raise ConfigError(f"data.holdout: {stray} not in data.cells {data['cells']}")
+    models = config["models"]
+    for key in ("traces", "critic", "train"):
+        name = config[key]["model"]
+        if name not in models:
+            raise ConfigError(f"{key}.model: {name!r} is not a model in models {sorted(models)}")
+    student = models[config["train"]["model"]]
+    if student["backend"] != "local":
+        raise ConfigError(f"train.model: the student must use the local backend, not {student['backend']!r}")
+    for key, values, known in (
+        ("train.variants", config["train"]["variants"], TRAINED_ROWS),
+        ("evaluate.rows", config["evaluate"]["rows"], ROWS),
+        ("critic.keep_grades", config["critic"]["keep_grades"], GRADES),
+    ):
+        unknown = [v for v in values if v not in known]
+        if unknown:
+            raise ConfigError(f"{key}: {unknown} unknown; expected some of {list(known)}")
+    untrained = [r for r in config["evaluate"]["rows"] if r in TRAINED_ROWS and r not in config["train"]["variants"]]
+    if untrained:
+        raise ConfigError(f"evaluate.rows: {untrained} are not trained; add them to train.variants")

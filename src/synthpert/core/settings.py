@@ -1,0 +1,365 @@
+"""Typed settings of each step, built in one place from the validated configuration.
+
+Every field of a step's settings is one of two kinds:
+
+* a *result* field can change what the step writes (a model, a prompt setting, a seed, a
+  learning rate). The rule passes these as `params` (`--settings`), so Snakemake re-runs
+  a job exactly when one of them changes;
+* a *run* field (metadata `run=True`) only changes how the step runs: concurrency,
+  retries, time-outs, batch sizes, spending caps, logging and checkpoint intervals, the
+  mirror a checksummed file is fetched from. The rule passes these through a params
+  function of the job's `resources` (`--run`), which Snakemake treats as derived and so
+  never as a re-run trigger.
+
+`for_step(config, step, **wildcards)` builds a step's settings from the configuration
+(schema defaults already filled in by validation); the step rebuilds them from its two
+JSON arguments with `from_cli`. docs/architecture.md lists what each step depends on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from synthpert.core import rows
+from synthpert.errors import ConfigError
+
+RUN = {"run": True}
+
+
+def run_field(**kwargs):
+    """A field that changes how a step runs, never what it writes."""
+    return field(metadata=RUN, **kwargs)
+
+
+class Settings:
+    """Base of every settings class: splitting into result and run fields and back."""
+
+    def params(self) -> dict:
+        """The result fields, as JSON-ready values (a rule's params)."""
+        return _split(self)[0]
+
+    def run(self) -> dict:
+        """The run fields, as JSON-ready values."""
+        return _split(self)[1]
+
+    def params_json(self) -> str:
+        return json.dumps(self.params(), sort_keys=True)
+
+    def run_json(self) -> str:
+        return json.dumps(self.run(), sort_keys=True)
+
+    @classmethod
+    def from_cli(cls, params: dict, run: dict | None = None):
+        """Rebuild the settings from `--settings` (result) and `--run` JSON objects."""
+        return _build(cls, _merge(params, run or {}))
+
+
+def _split(obj) -> tuple[dict, dict]:
+    result, run = {}, {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, Settings):
+            inner_result, inner_run = _split(value)
+            result[f.name] = inner_result
+            if inner_run:
+                run[f.name] = inner_run
+        elif f.metadata.get("run"):
+            run[f.name] = _plain(value)
+        else:
+            result[f.name] = _plain(value)
+    return result, run
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _build(cls, values: dict):
+    from synthpert.errors import CommandError
+
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in values and f.default is dataclasses.MISSING)
+    if unknown or missing:
+        raise CommandError(
+            f"{cls.__name__} settings: unknown {unknown}, missing {missing}; expected {sorted(names)}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if isinstance(hint, type) and issubclass(hint, Settings):
+            value = _build(hint, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+@dataclass(frozen=True)
+class Generation(Settings):
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    reasoning_effort: str | None
+
+    @classmethod
+    def of(cls, section: dict) -> Generation:
+        return cls(**{f.name: section[f.name] for f in dataclasses.fields(cls)})
+
+    def request_fields(self) -> dict:
+        """The `llm.requests.Request` fields these settings fill."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Sample(Settings):
+    fraction: float | None
+    count: int | None
+    seed: int
+    balanced: bool
+
+    @classmethod
+    def of(cls, section: dict) -> Sample:
+        return cls(**{f.name: section[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class Model(Settings):
+    """One `models:` entry. Backend, model, endpoint, revision, dtype and chat template
+    decide its answers, and so does the content of a local model folder (`weights`, its
+    digest when the workflow was planned: a folder rewritten in place re-runs what it
+    answered); the rest is how answers are fetched."""
+
+    backend: str
+    model: str
+    base_url: str | None
+    revision: str | None
+    dtype: str
+    chat_template: str | None
+    weights: str | None
+    api_key_env: str | None = run_field(default="OPENAI_API_KEY")
+    max_concurrency: int = run_field(default=16)
+    max_retries: int = run_field(default=6)
+    timeout_s: float = run_field(default=600)
+    batch_api: bool = run_field(default=False)
+    batch_size: int = run_field(default=8)
+    structured_outputs: bool = run_field(default=True)  # a result of the critic step only
+
+    @classmethod
+    def of(cls, spec: dict) -> Model:
+        names = {f.name for f in dataclasses.fields(cls)} - {"weights"}
+        return cls(**{k: spec.get(k) for k in names if k in spec or k in _MODEL_NULLABLE}, weights=_weights(spec))
+
+    def spec(self) -> dict:
+        """The entry as the backends take it."""
+        return dataclasses.asdict(self)
+
+
+_MODEL_NULLABLE = {"base_url", "revision", "chat_template"}
+
+
+def _weights(spec: dict) -> str | None:
+    """Digest of a local model folder (None for hub ids, API models and the embedded
+    model, whose folder is a rule's output and tracked by Snakemake as an input)."""
+    from synthpert.core.digest import folder_digest
+
+    if spec["backend"] == "openai" or not Path(spec["model"]).is_dir():
+        return None
+    return folder_digest(spec["model"])
+
+
+def _model(config: dict, name: str) -> Model:
+    return Model.of(config["models"][name])
+
+
+# --------------------------------------------------------------------------- steps
+
+
+@dataclass(frozen=True)
+class TraceSample(Settings):
+    sample: Sample
+    shards: int
+
+    @classmethod
+    def from_config(cls, config: dict, **_) -> TraceSample:
+        traces = config["traces"]
+        return cls(Sample.of(traces["sample"]), traces["shards"])
+
+
+@dataclass(frozen=True)
+class Traces(Settings):
+    model: Model
+    approach: str
+    generation: Generation
+    shards: int
+    max_requests: int | None = run_field(default=None)
+    max_tokens: int | None = run_field(default=None)
+
+    @classmethod
+    def from_config(cls, config: dict, **_) -> Traces:
+        traces = config["traces"]
+        return cls(
+            _model(config, traces["model"]),
+            traces["approach"],
+            Generation.of(traces["generation"]),
+            traces["shards"],
+            traces["max_requests"],
+            traces["max_tokens"],
+        )
+
+
+@dataclass(frozen=True)
+class CriticGrade(Settings):
+    model: Model
+    generation: Generation
+    structured_outputs: bool
+
+    @classmethod
+    def from_config(cls, config: dict, **_) -> CriticGrade:
+        critic = config["critic"]
+        spec = config["models"][critic["model"]]
+        structured = spec["backend"] == "openai" and spec["structured_outputs"]
+        return cls(_model(config, critic["model"]), Generation.of(critic["generation"]), structured)
+
+
+@dataclass(frozen=True)
+class CriticSelect(Settings):
+    keep_grades: tuple[str, ...]
+    seed: int  # of the balanced variant's downsampling
+    balanced: bool
+
+    @classmethod
+    def from_config(cls, config: dict, **_) -> CriticSelect:
+        balanced = "synthpert_balanced" in config["train"]["variants"]
+        return cls(tuple(config["critic"]["keep_grades"]), config["traces"]["sample"]["seed"], balanced)
+
+
+@dataclass(frozen=True)
+class Train(Settings):
+    model: Model
+    epochs: float
+    max_steps: int
+    learning_rate: float
+    warmup_steps: int
+    batch_size: int
+    gradient_accumulation_steps: int
+    max_length: int
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: tuple[str, ...]
+    load_in_4bit: bool
+    seed: int
+    chat_template: str | None
+    save_steps: int = run_field(default=500)
+    logging_steps: int = run_field(default=10)
+
+    @classmethod
+    def from_config(cls, config: dict, **_) -> Train:
+        train = dict(config["train"])
+        model = _model(config, train.pop("model"))
+        train.pop("variants")
+        return cls(model=model, **{k: tuple(v) if isinstance(v, list) else v for k, v in train.items()})
+
+
+@dataclass(frozen=True)
+class Questions(Settings):
+    sample: Sample
+
+    @classmethod
+    def from_config(cls, config: dict, **_) -> Questions:
+        return cls(Sample.of(config["evaluate"]["sample"]))
+
+
+@dataclass(frozen=True)
+class Predict(Settings):
+    """A model row answering one shard; its adapter (trained rows) is an input file."""
+
+    model: Model
+    generation: Generation
+    shards: int
+
+    @classmethod
+    def from_config(cls, config: dict, row: str, **_) -> Predict:
+        evaluate = config["evaluate"]
+        return cls(_model(config, rows.row_model_name(row, config)), Generation.of(evaluate["generation"]), evaluate["shards"])
+
+
+@dataclass(frozen=True)
+class Baseline(Settings):
+    knn_k: int | None  # only the knn row has a setting
+
+    @classmethod
+    def from_config(cls, config: dict, row: str, **_) -> Baseline:
+        return cls(config["evaluate"]["knn_k"] if row == "knn" else None)
+
+
+@dataclass(frozen=True)
+class Tables(Settings):
+    rows: tuple[str, ...]  # their order in the tables
+    bootstrap: int | None  # resamples of the intervals of tables 3 and 4
+    seed: int  # of those resamples and of the paper protocol's subsets (tables 1 and 2)
+
+    @classmethod
+    def from_config(cls, config: dict, n: str, **_) -> Tables:
+        evaluate = config["evaluate"]
+        bootstrap = evaluate["bootstrap"] if n in ("3", "4") else None
+        return cls(tuple(evaluate["rows"]), bootstrap, evaluate["sample"]["seed"])
+
+
+@dataclass(frozen=True)
+class Screen(Settings):
+    """A model (a `models:` name, or a model row: a trained one asks with its adapter)
+    screening one perturbation."""
+
+    model: Model
+    generation: Generation
+    trained: bool
+
+    @classmethod
+    def from_config(cls, config: dict, model: str, **_) -> Screen:
+        if model in config["models"]:
+            return cls(_model(config, model), Generation.of(config["evaluate"]["generation"]), False)
+        if model not in rows.LLM_ROWS:
+            raise ConfigError(
+                f"screen model {model!r} is neither in models: {sorted(config['models'])} "
+                f"nor a model row {sorted(rows.LLM_ROWS)}"
+            )
+        name = rows.row_model_name(model, config)
+        return cls(_model(config, name), Generation.of(config["evaluate"]["generation"]), model in rows.TRAINED_ROWS)
+
+
+STEPS: dict[str, type[Settings]] = {
+    "trace_sample": TraceSample,
+    "traces": Traces,
+    "critic_grade": CriticGrade,
+    "critic_select": CriticSelect,
+    "train": Train,
+    "questions": Questions,
+    "predict": Predict,
+    "baseline": Baseline,
+    "tables": Tables,
+    "screen": Screen,
+}
+
+
+def for_step(config: dict, step: str, **wildcards: Any) -> Settings:
+    """The settings of `step` (a key of `STEPS`) for one job, from the validated config
+    and the job's wildcards."""
+    return STEPS[step].from_config(config, **wildcards)

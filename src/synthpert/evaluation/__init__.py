@@ -1,0 +1,1 @@
+"""What scores answers: metrics, the questions asked and their answers, baselines, predictions files."""

@@ -1,0 +1,89 @@
+"""The evaluation's questions as requests, and their answers as prediction records: shared
+by `synthpert predict`, `ask` and `screen`, so all three ask and score alike."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from synthpert.core import prompts
+from synthpert.core.labels import DOWN, NOT_DE, UP, class_probabilities
+from synthpert.core.settings import Generation
+from synthpert.errors import CommandError
+from synthpert.llm.requests import Request
+
+
+def qid_expr() -> pl.Expr:
+    return pl.concat_str(["cell", "pert", "gene"], separator=":")
+
+
+def question_request(q: dict, task: str, generation: Generation, local: bool) -> Request:
+    """The request asking question `q` (qid, cell, pert, gene) as `task`, tagged `qid|task`.
+
+    A local model starts its reasoning after a `<think>` prefill and its probabilities
+    of the task's answer options are read afterwards."""
+    return Request(
+        messages=prompts.question_messages(q["cell"], q["pert"], q["gene"], task),
+        **generation.request_fields(),
+        prefill="<think>\n" if local else "",
+        options=prompts.answer_options(task) if local else (),
+        tag=f"{q['qid']}|{task}",
+    )
+
+
+def build_requests(rows: pl.DataFrame, generation: Generation, local: bool) -> list[Request]:
+    """Every question as `de3`; differentially expressed ones also as `dir`."""
+    requests = []
+    for q in rows.iter_rows(named=True):
+        tasks = ["de3"] + (["dir"] if q["label"] != NOT_DE else [])
+        requests += [question_request(q, task, generation, local) for task in tasks]
+    return requests
+
+
+def score_row(task: str, text: str, finish_reason: str, logprobs: dict | None) -> dict:
+    """Prediction, parse status and continuous score of one answer."""
+    if logprobs:
+        probs = class_probabilities(logprobs)
+        pred = max(probs, key=probs.get)
+        record = {"pred": pred, "status": "answered", "score_source": "probabilities"}
+        if task == "de3":
+            record["score_de"] = 1.0 - probs[NOT_DE]
+        else:
+            record["score_up"] = probs[UP]
+        record |= {"p_not_de": probs.get(NOT_DE), "p_down": probs[DOWN], "p_up": probs[UP]}
+        return record
+    pred, status = prompts.parse_answer(text, finish_reason, task)
+    record = {"pred": pred, "status": status, "score_source": "label_mapping"}
+    if task == "de3":
+        record["score_de"] = 0.5 if pred is None else float(pred != NOT_DE)
+    else:
+        record["score_up"] = 0.5 if pred is None else float(pred == UP)
+    return record
+
+
+PREDICTION_SCHEMA = {
+    "qid": pl.String, "cell": pl.String, "pert": pl.String, "gene": pl.String, "label": pl.Int8,
+    "task": pl.String, "raw_text": pl.String, "finish_reason": pl.String, "pred": pl.Int8,
+    "status": pl.String, "score_de": pl.Float64, "score_up": pl.Float64, "score_source": pl.String,
+    "p_not_de": pl.Float64, "p_down": pl.Float64, "p_up": pl.Float64,
+}
+
+
+def answer_records(rows: pl.DataFrame, requests: list[Request], responses: dict, model: str) -> list[dict]:
+    """One prediction record (the columns of `PREDICTION_SCHEMA`) per request, in order.
+
+    `rows` are the questions (qid, cell, pert, gene, label) that `requests` ask, tagged
+    `qid|task`; `responses` are the backend's answers by request key for `model`."""
+    by_qid = {q["qid"]: q for q in rows.iter_rows(named=True)}
+    records = []
+    for req in requests:
+        qid, task = req.tag.split("|")
+        resp = responses.get(req.key(model))
+        if resp is None:
+            raise CommandError(f"no answer for {req.tag}; rerun to resume")
+        q = by_qid[qid]
+        records.append(
+            {"qid": qid, "cell": q["cell"], "pert": q["pert"], "gene": q["gene"], "label": q["label"],
+             "task": task, "raw_text": resp.text, "finish_reason": resp.finish_reason}
+            | score_row(task, resp.text, resp.finish_reason, resp.option_logprobs)
+        )
+    return records

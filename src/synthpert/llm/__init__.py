@@ -1,0 +1,1 @@
+"""Talking to language models: the request log, model identities, the backends, the embedded model."""

@@ -1,0 +1,212 @@
+"""The `local` backend: in-process `transformers` generation, batched.
+
+Used for the offline demo (the embedded SmolLM2) and for the fine-tuned students (base
+model + PEFT adapter). Prompts are rendered with the tokenizer's chat template (or the
+spec's `chat_template` file), grouped by generation settings, sorted by length and
+generated `batch_size` at a time with left padding (so every row's new tokens start at
+the same column). Greedy when temperature is 0, else sampling with temperature and top_p.
+
+Option scoring (`Request.options`): after generating, the text up to the first
+`<option_tag>` (closing an unclosed `<think>` first) becomes the context, and each option
+is scored as log P(option + `</option_tag>` | prompt + context + `<option_tag>`), summed
+over its tokens, in one forward pass per request. With `max_new_tokens=0` nothing is
+generated and the options are scored right after the prefill (grading by likelihood).
+
+The model id in content addresses (`llm.identity.local_identity`) names the weights, the adapter
+and the chat template by content, so a base model, its fine-tuned variants and a
+retrained adapter never share answers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from synthpert.errors import CommandError
+from synthpert.llm.backends import resolve_local_model
+from synthpert.llm.identity import local_identity
+from synthpert.llm.requests import Request, RequestLog, Response, SpendingGuard, plan
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    """`auto` is bfloat16 on a CUDA device that supports it, else float32."""
+    if name == "auto":
+        bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    if name not in DTYPES:
+        raise CommandError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+class LocalBackend:
+    """A causal LM in this process; see the module docstring."""
+
+    def __init__(self, spec: dict, adapter: str | None = None) -> None:
+        path = resolve_local_model(spec["model"])
+        template = None
+        if spec.get("chat_template"):
+            template_path = Path(spec["chat_template"])
+            if not template_path.is_file():
+                raise CommandError(f"chat_template {template_path} of model {spec['model']!r} does not exist")
+            template = template_path.read_text()
+        if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+            raise CommandError(f"adapter folder {adapter} has no adapter_config.json (not a PEFT adapter)")
+        self.batch_size = int(spec.get("batch_size", 8))
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = pick_dtype(spec.get("dtype", "auto"), self.device)
+        try:
+            revision = spec.get("revision")
+            self.tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision)
+        except OSError as err:
+            raise CommandError(f"cannot load model {spec['model']!r} from {path}: {err}") from None
+        if template is not None:
+            self.tokenizer.chat_template = template
+        if not self.tokenizer.chat_template:
+            raise CommandError(f"model {spec['model']!r} has no chat template; set chat_template to a Jinja file")
+        self.model = local_identity(
+            spec["model"], spec.get("revision"), str(self.tokenizer.chat_template), str(dtype).removeprefix("torch."), adapter
+        )
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        eos = lm.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
+        if adapter is not None:
+            from peft import PeftModel
+
+            lm = PeftModel.from_pretrained(lm, str(adapter))
+        self.lm = lm.to(self.device).eval()
+        logger.info("loaded %s on %s (%s)", self.model, self.device, dtype)
+
+    def __repr__(self) -> str:
+        return f"LocalBackend(model={self.model!r}, device={self.device!r})"
+
+    def render(self, request: Request) -> str:
+        """The prompt text the model continues (chat template + generation prompt), without prefill."""
+        messages = [{"role": role, "content": content} for role, content in request.messages]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _encode(self, text: str) -> list[int]:
+        # The chat template already holds any BOS token: add no special tokens.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def run(
+        self,
+        requests: Sequence[Request],
+        log: RequestLog,
+        guard: SpendingGuard | None = None,
+        desc: str = "requests",
+    ) -> dict[str, Response]:
+        done, pending = plan(requests, self.model, log)
+        items = []
+        for key, request in pending.items():
+            prompt = self.render(request)
+            items.append((key, request, prompt, self._encode(prompt + request.prefill)))
+
+        def settings(item) -> tuple:
+            request = item[1]
+            return request.max_new_tokens, request.temperature, request.top_p
+
+        # Same settings in one batch; longest first inside a group (little padding, early OOM).
+        items.sort(key=lambda item: (settings(item), -len(item[3])))
+        with tqdm(total=len(items), desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True) as bar:
+            for _, group in itertools.groupby(items, key=settings):
+                group = list(group)
+                for start in range(0, len(group), self.batch_size):
+                    batch = group[start : start + self.batch_size]
+                    if guard is not None:
+                        batch = list(itertools.takewhile(lambda _: guard.allow(), batch))
+                    for response in self._answer(batch):
+                        log.append(response, self.model)
+                        if guard is not None:
+                            guard.charge(response)
+                        done[response.key] = response
+                        bar.update()
+                    if guard is not None and guard.exhausted:
+                        return done
+        return done
+
+    @torch.inference_mode()
+    def _answer(self, batch: list[tuple[str, Request, str, list[int]]]) -> list[Response]:
+        if not batch:
+            return []
+        request = batch[0][1]  # the batch shares its generation settings
+        if request.max_new_tokens == 0:
+            generated = [("", "stop", 0)] * len(batch)
+        else:
+            generated = self._generate([item[3] for item in batch], request)
+        responses = []
+        for (key, request, prompt, prompt_ids), (new_text, finish, n_new) in zip(batch, generated):
+            text = request.prefill + new_text
+            scores = self._score_options(prompt, text, request) if request.options else None
+            responses.append(Response(key, request.tag, text, finish, len(prompt_ids), n_new, scores))
+        return responses
+
+    def _generate(self, prompts: list[list[int]], request: Request) -> list[tuple[str, str, int]]:
+        """Per prompt: new text, finish reason, tokens generated (EOS included).
+
+        With answer options, generation also stops at `</think>` or the option tag: what
+        would follow is replaced by scoring the options, so those tokens are never paid for.
+        """
+        padded = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(self.device)
+        sample = request.temperature > 0
+        stops = ["</think>", f"<{request.option_tag}>"] if request.options else None
+        config = GenerationConfig(
+            max_new_tokens=request.max_new_tokens,
+            do_sample=sample,
+            temperature=request.temperature if sample else None,
+            top_p=request.top_p if sample else None,
+            top_k=0 if sample else None,  # plain nucleus sampling, no top-k cut
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.tokenizer.pad_token_id,
+            stop_strings=stops,
+        )
+        out = self.lm.generate(**padded, generation_config=config, tokenizer=self.tokenizer)
+        results = []
+        for row in out[:, padded["input_ids"].shape[1] :].tolist():
+            stop = next((i for i, token in enumerate(row) if token in self.eos_ids), None)
+            text = self.tokenizer.decode(row if stop is None else row[:stop], skip_special_tokens=True)
+            hit = min((text.find(s) + len(s) for s in stops or () if s in text), default=None)
+            if hit is not None:  # stopped at a stop string (the rest of the row is padding)
+                text = text[:hit]
+                results.append((text, "stop", len(self._encode(text))))
+            elif stop is None:
+                results.append((text, "length", len(row)))
+            else:
+                results.append((text, "stop", stop + 1))
+        return results
+
+    @torch.inference_mode()
+    def _score_options(self, prompt: str, text: str, request: Request) -> dict[str, float]:
+        """log P(option + closing tag | context), summed over tokens, one forward pass."""
+        tag = request.option_tag
+        head = text.split(f"<{tag}>")[0]
+        if "<think>" in head and "</think>" not in head:
+            head += "\n</think>\n"
+        context = self._encode(prompt + head + f"<{tag}>")
+        continuations = [self._encode(option + f"</{tag}>") for option in request.options]
+        width = len(context) + max(len(c) for c in continuations)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([context + c + [pad] * (width - len(context) - len(c)) for c in continuations])
+        mask = torch.tensor([[1] * (len(context) + len(c)) + [0] * (width - len(context) - len(c)) for c in continuations])
+        logits = self.lm(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        scores = {}
+        for row, (option, cont) in enumerate(zip(request.options, continuations)):
+            # logits at position p predict token p + 1
+            steps = logits[row, len(context) - 1 : len(context) - 1 + len(cont)].float().log_softmax(-1)
+            target = torch.tensor(cont, device=steps.device)[:, None]
+            scores[option] = float(steps.gather(-1, target).sum())
+        return scores

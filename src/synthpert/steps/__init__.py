@@ -1,0 +1,1 @@
+"""One module per `synthpert` subcommand of the workflow; a step never imports another."""

@@ -1,0 +1,486 @@
+"""`synthpert train`: LoRA fine-tuning of the student with TRL's `SFTTrainer`.
+
+The input is one SFT table (`results/sft/{split}/{variant}.parquet`, column `messages`:
+system, user, assistant). Three things matter more than speed here:
+
+* The loss covers the whole assistant turn, reasoning included, and nothing else. The
+  chat template decides that: DeepSeek-R1-Distill's own template deletes everything up to
+  `</think>` in assistant turns, so rendered naively "training on traces" trains on the
+  answer alone. `resolve_chat_template` picks a template that keeps the turn verbatim
+  (an explicit file, else TRL's training variant of the tokenizer's template when TRL
+  ships one, else the tokenizer's own template if a probe shows it keeps the turn) and
+  refuses otherwise. With `{% generation %}` markers the loss is TRL's
+  `assistant_only_loss`; without them the rows become prompt/completion conversations and
+  the loss is TRL's `completion_only_loss`. After TRL has tokenised the data, the first
+  row's loss-carrying tokens are decoded and must contain the assistant turn.
+* Nothing is cut silently: every conversation is tokenised first; those longer than
+  `max_length` are dropped with a warning and counted in `train_metrics.json`
+  (`too_long`); TRL then runs without truncation. If none is left the step fails.
+* A killed or pre-empted job resumes from its last complete checkpoint in
+  `checkpoints/` (a checkpoint of other data or settings is discarded with a warning).
+  Outputs are staged in a hidden folder and moved into place at the end, the marker
+  `train_metrics.json` last; the checkpoints are removed once the outputs are in place.
+
+Outputs in `--out-dir`: `adapter/` (PEFT adapter + tokenizer with the training chat
+template), `train_log.csv`, `loss.png`, `train_metrics.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+from synthpert.core.arguments import add_settings_arguments
+from synthpert.core.io import atomic_path, write_csv
+from synthpert.core.settings import Train
+from synthpert.errors import CommandError
+
+log = logging.getLogger(__name__)
+
+SAVE_TOTAL_LIMIT = 2  # checkpoints kept on disk: the newest and one spare
+LOG_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "entropy", "mean_token_accuracy"]
+ASSISTANT_ONLY = "assistant_only_loss"  # template has {% generation %} markers
+COMPLETION_ONLY = "completion_only_loss"  # prompt/completion conversations
+
+# A conversation shaped like a training row; the assistant content must survive rendering.
+PROBE = [
+    {"role": "system", "content": "Probe system prompt."},
+    {"role": "user", "content": "Probe question?"},
+    {"role": "assistant", "content": "<think>Probe reasoning that must be kept.</think><answer>probe</answer>"},
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+    """The template that renders training rows, where it came from, and how the loss is masked."""
+
+    text: str
+    source: str
+    loss: str  # ASSISTANT_ONLY or COMPLETION_ONLY
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def model_path(name: str) -> str:
+    """HF id or folder of a model; `embedded:` models are converted once if missing."""
+    from synthpert.llm.embedded import ensure_embedded_model, is_embedded, local_path
+
+    return str(ensure_embedded_model(local_path(name))) if is_embedded(name) else name
+
+
+def read_conversations(path: str | os.PathLike) -> list[list[dict[str, str]]]:
+    """The `messages` of every row; each must end with its only assistant turn."""
+    path = Path(path)
+    if not path.is_file():
+        raise CommandError(f"SFT data {path} does not exist")
+    df = pl.read_parquet(path)
+    if "messages" not in df.columns:
+        raise CommandError(f"{path} has no 'messages' column (columns: {df.columns})")
+    if df.height == 0:
+        raise CommandError(f"{path} has no rows to train on")
+    conversations = []
+    for i, messages in enumerate(df["messages"].to_list()):
+        roles = [m.get("role") for m in messages or []]
+        if not roles or roles[-1] != "assistant" or roles.count("assistant") != 1 or "user" not in roles:
+            raise CommandError(
+                f"{path} row {i}: messages must be [system,] user, assistant with one final assistant turn; "
+                f"got roles {roles}"
+            )
+        if any(not isinstance(m.get("content"), str) for m in messages):
+            raise CommandError(f"{path} row {i}: every message needs a text 'content'")
+        conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    return conversations
+
+
+def resolve_chat_template(tokenizer, template_path: str | os.PathLike | None = None) -> ChatTemplate:
+    """Choose the template that renders training rows with the assistant turn kept verbatim.
+
+    `template_path` (train.chat_template) wins; else TRL's training variant of the
+    tokenizer's template (TRL ships them for DeepSeek-R1-Distill, Qwen3, Llama 3 ...);
+    else the tokenizer's own template. The choice is checked on a probe conversation and
+    refused with a CommandError when it would drop or move the assistant turn.
+    """
+    if template_path is not None:
+        path = Path(template_path)
+        if not path.is_file():
+            raise CommandError(f"train.chat_template {path} does not exist")
+        text, source = path.read_text(encoding="utf-8"), f"file {path}"
+    else:
+        own = tokenizer.chat_template
+        own = own.get("default") if isinstance(own, dict) else own
+        if not own:
+            raise CommandError("the student's tokenizer has no chat template; set train.chat_template to a Jinja file")
+        try:
+            training = get_training_chat_template(tokenizer)
+        except ValueError:  # TRL has no training variant of this template
+            training = None
+        if training is None:
+            text, source = own, "the tokenizer's own template"
+        else:
+            text, source = training, "TRL's training variant of the tokenizer's template"
+    template = ChatTemplate(text, source, ASSISTANT_ONLY if has_generation_markers(text) else COMPLETION_ONLY)
+    _check_template(tokenizer, template)
+    return template
+
+
+def _check_template(tokenizer, template: ChatTemplate) -> None:
+    hint = "set train.chat_template to a template that keeps the assistant turn (e.g. TRL's *_training.jinja)"
+    full = tokenizer.apply_chat_template(PROBE, chat_template=template.text, tokenize=False)
+    if PROBE[-1]["content"] not in full:
+        raise CommandError(
+            f"the chat template ({template.source}) does not keep the assistant turn verbatim (it drops the "
+            f"reasoning?): {full!r}; {hint}"
+        )
+    if template.loss == COMPLETION_ONLY:
+        prompt = tokenizer.apply_chat_template(
+            PROBE[:-1], chat_template=template.text, tokenize=False, add_generation_prompt=True
+        )
+        if not full.startswith(prompt):
+            raise CommandError(
+                f"the chat template ({template.source}) has no {{% generation %}} markers and renders the prompt "
+                f"differently alone ({prompt!r}) than before the answer ({full!r}); {hint}"
+            )
+
+
+def token_lengths(tokenizer, conversations: list[list[dict]], template: ChatTemplate) -> list[int]:
+    """Tokens per rendered conversation: exactly what TRL tokenises in either loss mode."""
+    ids = tokenizer.apply_chat_template(conversations, chat_template=template.text, tokenize=True, return_dict=True)
+    return [len(row) for row in ids["input_ids"]]
+
+
+def to_dataset(conversations: list[list[dict]], template: ChatTemplate):
+    """A TRL conversational dataset: `messages`, or `prompt`/`completion` without generation markers."""
+    if template.loss == ASSISTANT_ONLY:
+        return Dataset.from_dict({"messages": conversations})
+    return Dataset.from_dict({"prompt": [c[:-1] for c in conversations], "completion": [c[-1:] for c in conversations]})
+
+
+# --------------------------------------------------------------------------- model and trainer
+
+
+def precision(dtype_setting: str = "auto", load_in_4bit: bool = False) -> tuple[Any, str]:
+    """(torch dtype to load the student in, name): bf16 on CUDA with native bf16, else fp32."""
+    cuda = torch.cuda.is_available()
+    if load_in_4bit and not cuda:
+        raise CommandError("train.load_in_4bit (QLoRA through bitsandbytes) needs a CUDA GPU; none is available")
+    if dtype_setting == "auto":
+        dtype_setting = "bfloat16" if cuda and torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
+    if dtype_setting == "float16" and not cuda:
+        raise CommandError("dtype float16 training needs a CUDA GPU; use float32 or auto on CPU")
+    return getattr(torch, dtype_setting), dtype_setting
+
+
+def load_student(path: str, dtype, load_in_4bit: bool = False, revision: str | None = None):
+    """The base model, optionally quantised to 4 bit (QLoRA)."""
+    kwargs: dict[str, Any] = {"dtype": dtype, "revision": revision}
+    if load_in_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise CommandError("train.load_in_4bit needs bitsandbytes (pip install 'synthpert[gpu]')") from None
+        compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float16
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise CommandError(f"cannot load the student {path!r}: {err}") from None
+    model.config.use_cache = False  # no KV cache while training
+    return model
+
+
+def lora_config(cfg: Train):
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def build_trainer(
+    model, tokenizer, conversations, cfg: Train, template: ChatTemplate, checkpoint_dir, callbacks=()
+) -> SFTTrainer:
+    """The SFTTrainer of a training run; TRL tokenises and masks the rows here.
+
+    `max_length` is not passed to TRL: rows were measured and filtered before, so TRL
+    must not truncate anything.
+    """
+    tokenizer.chat_template = template.text  # TRL renders with it; saved with the adapter
+    cuda = torch.cuda.is_available()
+    args = SFTConfig(
+        output_dir=str(checkpoint_dir),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_length=None,
+        assistant_only_loss=template.loss == ASSISTANT_ONLY,
+        completion_only_loss=template.loss == COMPLETION_ONLY,
+        bf16=model.dtype == torch.bfloat16,
+        fp16=model.dtype == torch.float16,
+        gradient_checkpointing=cuda,  # memory is what limits a GPU; a CPU run is limited by time
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=SAVE_TOTAL_LIMIT,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+    )
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=to_dataset(conversations, template),
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg),
+        callbacks=list(callbacks),
+    )
+
+
+def loss_text(tokenizer, example: dict) -> str:
+    """The text of the tokens that carry loss in one prepared example (labels != -100)."""
+    return tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != -100])
+
+
+def check_loss_covers_assistant(tokenizer, example: dict, assistant: str) -> None:
+    """Refuse to train when TRL's prepared row loses or cuts the assistant turn."""
+    if _squash(assistant) not in _squash(loss_text(tokenizer, example)):
+        raise CommandError(
+            "the training loss does not cover the whole assistant turn (reasoning included); set "
+            "train.chat_template to a template that keeps it"
+        )
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())  # decoding may normalise white space
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def fingerprint(data: Path, identity: dict[str, Any]) -> str:
+    """Identity of a run (data bytes + what shapes the training): a checkpoint resumes only its own run."""
+    h = hashlib.sha256()
+    with open(data, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    h.update(json.dumps(identity, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def resume_point(checkpoint_dir: Path, run_id: str) -> Path | None:
+    """The newest complete checkpoint of this run; stale or incomplete ones are removed."""
+    marker = checkpoint_dir / "run.json"
+    if checkpoint_dir.exists():
+        stale = not marker.exists() or json.loads(marker.read_text()).get("fingerprint") != run_id
+        if stale:
+            log.warning("discarding checkpoints in %s: they belong to other data or settings", checkpoint_dir)
+            shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        with atomic_path(marker) as tmp:
+            tmp.write_text(json.dumps({"fingerprint": run_id}))
+    steps = {}
+    for path in checkpoint_dir.glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            steps[int(match.group(1))] = path
+    last = None
+    for step in sorted(steps, reverse=True):
+        if last is None and (steps[step] / "trainer_state.json").exists():
+            last = steps[step]
+        elif last is None:  # killed while saving: trainer_state.json is written last
+            log.warning("removing incomplete checkpoint %s", steps[step])
+            shutil.rmtree(steps[step])
+    return last
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+class TokenCounter(TrainerCallback):
+    """Tokens trained in this process: TRL logs them (`num_tokens`) cumulatively per process."""
+
+    def __init__(self):
+        self.tokens = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.tokens = max(self.tokens, int((logs or {}).get("num_tokens", 0)))
+
+
+def peak_memory() -> tuple[int, str]:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "cuda_max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
+
+
+def write_log(history: list[dict], csv_path: Path, png_path: Path) -> list[dict]:
+    """train_log.csv and loss.png from the trainer's log history (all sessions of a resumed run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [{col: entry.get(col) for col in LOG_COLUMNS} for entry in history if "loss" in entry]
+    schema = {col: pl.Int64 if col == "step" else pl.Float64 for col in LOG_COLUMNS}
+    write_csv(pl.DataFrame(rows, schema=schema), csv_path)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="." if len(rows) < 50 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("LoRA fine-tuning loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return rows
+
+
+def _move_into_place(staging: Path, out_dir: Path, names: list[str]) -> None:
+    """Replace the outputs; the last name (the marker) goes in last."""
+    marker = out_dir / names[-1]
+    marker.unlink(missing_ok=True)
+    for name in names:
+        target = out_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(staging / name, target)
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def train(data, cfg: Train, out_dir, checkpoint_dir=None) -> dict[str, Any]:
+    """Fine-tune the student on one SFT table; returns the metrics written to train_metrics.json."""
+    data, out_dir = Path(data), Path(out_dir)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
+    for name in ("max_length", "batch_size", "save_steps", "logging_steps", "lora_r"):
+        if getattr(cfg, name) < 1:
+            raise CommandError(f"train.{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.model.backend != "local":
+        raise CommandError(f"the student {cfg.model.model!r} must use backend 'local', not {cfg.model.backend!r}")
+    dtype, dtype_name = precision(cfg.model.dtype, cfg.load_in_4bit)  # fails before loading anything
+    conversations = read_conversations(data)
+    student = model_path(cfg.model.model)
+
+    tokenizer = AutoTokenizer.from_pretrained(student, revision=cfg.model.revision)
+    template = resolve_chat_template(tokenizer, cfg.chat_template)
+    lengths = token_lengths(tokenizer, conversations, template)
+    keep = [n <= cfg.max_length for n in lengths]
+    too_long = keep.count(False)
+    if too_long:
+        log.warning(
+            "dropping %d of %d conversations longer than max_length %d tokens (longest: %d)",
+            too_long, len(lengths), cfg.max_length, max(lengths),
+        )  # fmt: skip
+    kept = [c for c, k in zip(conversations, keep) if k]
+    if not kept:
+        raise CommandError(f"every conversation in {data} is longer than train.max_length {cfg.max_length}")
+    kept_tokens = sum(n for n, k in zip(lengths, keep) if k)
+    log.info(
+        "%d conversations (%d tokens) with %s; loss: %s", len(kept), kept_tokens, template.source, template.loss
+    )
+
+    # What decides the weights: a checkpoint of other data or settings is never resumed
+    # (checkpoint and logging intervals are run settings and do not count).
+    identity = {**cfg.params(), "student": student, "dtype": dtype_name, "template": template.text}
+    resume = resume_point(checkpoint_dir, fingerprint(data, identity))
+    model = load_student(student, dtype, cfg.load_in_4bit, cfg.model.revision)
+    counter = TokenCounter()
+    trainer = build_trainer(model, tokenizer, kept, cfg, template, checkpoint_dir, [counter])
+    check_loss_covers_assistant(tokenizer, trainer.train_dataset[0], kept[0][-1]["content"])
+    prepared = max(map(len, trainer.train_dataset["input_ids"]))
+    if prepared > cfg.max_length:  # guards the promise that nothing is truncated or overlong
+        raise CommandError(f"TRL prepared a row of {prepared} tokens, more than train.max_length {cfg.max_length}")
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    if resume is not None:
+        log.info("resuming from %s", resume)
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    runtime = time.perf_counter() - start
+    memory, memory_source = peak_memory()
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".tmp-train-"))
+    try:
+        trainer.save_model(str(staging / "adapter"))  # adapter + tokenizer with the training template
+        logged = write_log(trainer.state.log_history, staging / "train_log.csv", staging / "loss.png")
+        metrics = {
+            "model": student,
+            "precision": "4bit-" + dtype_name if cfg.load_in_4bit else dtype_name,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "chat_template": template.source,
+            "loss_mask": template.loss,
+            "examples": len(conversations),
+            "examples_trained": len(kept),
+            "too_long": too_long,
+            "max_length": cfg.max_length,
+            "longest_tokens": max(lengths),
+            "tokens_per_epoch": kept_tokens,
+            "steps": trainer.state.global_step,
+            "epochs": trainer.state.epoch,
+            "resumed_from_step": int(resume.name.split("-")[-1]) if resume else None,
+            "train_runtime_s": runtime,
+            "session_tokens": counter.tokens,
+            "tokens_per_second": counter.tokens / runtime if runtime > 0 else None,
+            "peak_memory_bytes": memory,
+            "peak_memory_source": memory_source,
+            "final_loss": logged[-1]["loss"] if logged else None,
+            "mean_loss_session": output.training_loss,
+        }
+        log.info(
+            "trained %d steps, %d tokens in %.1f s: %.0f tokens/s; peak memory %.2f GiB (%s); final loss %s",
+            metrics["steps"], counter.tokens, runtime, metrics["tokens_per_second"] or 0, memory / 2**30,
+            memory_source, metrics["final_loss"],
+        )  # fmt: skip
+        (staging / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        _move_into_place(staging, out_dir, ["adapter", "train_log.csv", "loss.png", "train_metrics.json"])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(checkpoint_dir)  # the run is complete: nothing left to resume
+    return metrics
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--data", required=True, help="SFT table (parquet with a 'messages' column)")
+    add_settings_arguments(parser, "train")
+    parser.add_argument(
+        "--out-dir", required=True, help="folder for adapter/, train_log.csv, loss.png and train_metrics.json"
+    )
+    parser.add_argument(
+        "--checkpoint-dir", default=None, help="where checkpoints live while training (default: OUT_DIR/checkpoints)"
+    )
+
+
+def main(args) -> None:
+    train(args.data, Train.from_cli(args.settings, args.run), args.out_dir, args.checkpoint_dir)

@@ -1,0 +1,1 @@
+"""Commands for people rather than rules: ask a model, screen a perturbation."""
