@@ -85,6 +85,7 @@ def test_result_neutral_changes_plan_no_expensive_job(finished, tmp_path):
             "models.critic.max_retries": 1,
             "models.critic.timeout_s": 5,
             "models.student.batch_size": 3,
+            "models.student.engine.max_num_seqs": 8,
             "traces.max_requests": 1000,
             "traces.max_tokens": 10**7,
             "train.logging_steps": 5,

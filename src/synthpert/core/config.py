@@ -9,6 +9,7 @@ import yaml
 
 from synthpert.core.prompts import GRADES
 from synthpert.core.rows import ROWS, TRAINED_ROWS
+from synthpert.core.settings import LOCAL_BACKENDS
 from synthpert.errors import ConfigError
 
 SCHEMA = Path(__file__).resolve().parent / "schema.yaml"  # package data: works installed too
@@ -55,8 +56,11 @@ def check(config: dict) -> None:
         if name not in models:
             raise ConfigError(f"{key}.model: {name!r} is not a model in models {sorted(models)}")
     student = models[config["train"]["model"]]
-    if student["backend"] != "local":
-        raise ConfigError(f"train.model: the student must use the local backend, not {student['backend']!r}")
+    if student["backend"] not in LOCAL_BACKENDS:
+        raise ConfigError(
+            f"train.model: the student must run in process (backend {' or '.join(LOCAL_BACKENDS)}), "
+            f"not {student['backend']!r}"
+        )
     for key, values, known in (
         ("train.variants", config["train"]["variants"], TRAINED_ROWS),
         ("evaluate.rows", config["evaluate"]["rows"], ROWS),

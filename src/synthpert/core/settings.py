@@ -160,6 +160,12 @@ class Model(Settings):
     batch_api: bool = run_field(default=False)
     batch_size: int = run_field(default=8)
     structured_outputs: bool = run_field(default=True)  # a result of the critic step only
+    engine: dict = run_field(default_factory=dict)  # the vllm backend's engine settings
+
+    @property
+    def local(self) -> bool:
+        """Runs in this process: the model's own option probabilities, adapters."""
+        return self.backend in LOCAL_BACKENDS
 
     @classmethod
     def of(cls, spec: dict) -> Model:
@@ -172,6 +178,7 @@ class Model(Settings):
 
 
 _MODEL_NULLABLE = {"base_url", "revision", "chat_template"}
+LOCAL_BACKENDS = ("local", "vllm")  # in-process models: the same prompts, answers and request keys
 
 
 def _weights(spec: dict) -> str | None:

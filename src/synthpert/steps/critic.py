@@ -116,7 +116,7 @@ def grade_traces(traces: pl.DataFrame, settings: CriticGrade, out: Path, backend
     if missing:
         raise CommandError(f"the traces table lacks column(s) {missing}; found {traces.columns}")
     todo = traces.filter(pl.col("reasoning").is_not_null())
-    if settings.model.backend == "local":
+    if settings.model.local:
         mode = "options"
     else:
         mode = "json" if settings.structured_outputs else "tags"

@@ -55,7 +55,7 @@ def main(args) -> None:
     if args.row in TRAINED_ROWS and args.adapter is None:
         raise CommandError(f"row {args.row!r} is a fine-tuned student: pass --adapter")
     rows = question_shard(pl.read_parquet(args.questions), args.cell, args.shard, settings.shards)
-    local = settings.model.backend == "local"
+    local = settings.model.local
     requests = build_requests(rows, settings.generation, local)
     backend = make_backend(settings.model.spec(), adapter=str(args.adapter) if args.adapter else None)
     request_log = RequestLog(args.out.with_suffix(".requests.jsonl"))

@@ -124,7 +124,7 @@ def generator_requests(rows: pl.DataFrame, settings: Traces) -> list[Request]:
     is the likeliest of the three labels, so it always yields one."""
     if settings.approach not in APPROACHES:
         raise CommandError(f"traces.approach must be one of {APPROACHES}, got {settings.approach!r}")
-    local = settings.model.backend == "local"
+    local = settings.model.local
     extra = {"prefill": "<think>\n", "options": answer_options(), "option_tag": "answer"} if local else {}
     return [
         Request(

@@ -385,8 +385,8 @@ def train(data, cfg: Train, out_dir, checkpoint_dir=None) -> dict[str, Any]:
     for name in ("max_length", "batch_size", "save_steps", "logging_steps", "lora_r"):
         if getattr(cfg, name) < 1:
             raise CommandError(f"train.{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.model.backend != "local":
-        raise CommandError(f"the student {cfg.model.model!r} must use backend 'local', not {cfg.model.backend!r}")
+    if not cfg.model.local:
+        raise CommandError(f"the student {cfg.model.model!r} must use backend 'local' or 'vllm', not {cfg.model.backend!r}")
     dtype, dtype_name = precision(cfg.model.dtype, cfg.load_in_4bit)  # fails before loading anything
     conversations = read_conversations(data)
     student = model_path(cfg.model.model)

@@ -41,7 +41,7 @@ from synthpert.core.config import load as config_load
 from synthpert.core.labels import CLASS_NAMES, DOWN, NOT_DE, UP, display_cell
 from synthpert.core.prompts import parse_reasoning
 from synthpert.core.rows import LLM_ROWS, TRAINED_ROWS, adapter_dir, adapter_layout, row_model_name
-from synthpert.core.settings import Generation, Screen
+from synthpert.core.settings import LOCAL_BACKENDS, Generation, Screen
 from synthpert.errors import CommandError, ConfigError
 from synthpert.evaluation.answers import PREDICTION_SCHEMA, answer_records, qid_expr, question_request
 from synthpert.llm.backends import make_backend
@@ -114,7 +114,7 @@ def adapter_model(path: Path, settings: dict) -> Model:
         raise CommandError(f"{config_file} does not name its base model (base_model_name_or_path)")
     models = settings["models"]
     names = [settings["train"]["model"], *sorted(models)]
-    local = [models[n] for n in names if n in models and models[n]["backend"] == "local"]
+    local = [models[n] for n in names if n in models and models[n]["backend"] in LOCAL_BACKENDS]
     spec = next((s for s in local if _same_model(local_path(s["model"]), base)), None)
     if spec is None:
         spec = {**model_defaults(), "backend": "local", "model": base}
@@ -257,7 +257,7 @@ def answer(rows: pl.DataFrame, model: Model, generation: Generation, log_path: P
     """The model's three-class answer to every question (`PREDICTION_SCHEMA` columns, task
     `de3`); answers already in `log_path` are reused, new ones appended to it."""
     backend = make_backend(model.spec, adapter=model.adapter)
-    local = model.spec["backend"] == "local"
+    local = model.spec["backend"] in LOCAL_BACKENDS
     requests = [question_request(q, "de3", generation, local) for q in rows.iter_rows(named=True)]
     with RequestLog(log_path) as request_log:
         responses = backend.run(requests, request_log, desc=desc)
