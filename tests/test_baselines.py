@@ -208,10 +208,12 @@ def test_cli_one_cell_per_call_with_its_settings(tmp_path, capsys):
         assert frame.height == 4  # 3 de3 rows + 1 dir row
         up[name] = frame.filter(pl.col("task") == "dir")["score_up"][0]
     assert up == {"k1": 1.0, "k20": 0.5}  # knn_k reaches the row (see the tie-break test)
-    assert run("rpe1", '{"knn_k": null}', "rpe1.parquet") == 0
+    assert run("rpe1", '{"knn_k": 20}', "rpe1.parquet") == 0
     assert pl.read_parquet(tmp_path / "rpe1.parquet").height == 0  # asked nothing there
     # bad input: a clear error and no output
     splits.drop("role").write_parquet(tmp_path / "bad.parquet")
     assert run("k562", '{"knn_k": 20}', "bad_out.parquet", split_file="bad.parquet") == 1
     assert "lacks columns ['role']" in capsys.readouterr().err
+    assert run("k562", '{"knn_k": null}', "no_k.parquet") == 1  # the knn row needs its k
+    assert "the knn row needs" in capsys.readouterr().err and not (tmp_path / "no_k.parquet").exists()
     assert not (tmp_path / "bad_out.parquet").exists()
