@@ -23,15 +23,15 @@ import itertools
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from synthpert.errors import CommandError
 from synthpert.llm.backends import resolve_local_model
 from synthpert.llm.identity import local_identity
+from synthpert.llm.prompting import check_adapter, encode, load_tokenizer, render
 from synthpert.llm.requests import Request, RequestLog, Response, SpendingGuard, plan
 
 logger = logging.getLogger(__name__)
@@ -54,27 +54,15 @@ class LocalBackend:
 
     def __init__(self, spec: dict, adapter: str | None = None) -> None:
         path = resolve_local_model(spec["model"])
-        template = None
-        if spec.get("chat_template"):
-            template_path = Path(spec["chat_template"])
-            if not template_path.is_file():
-                raise CommandError(f"chat_template {template_path} of model {spec['model']!r} does not exist")
-            template = template_path.read_text()
-        if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-            raise CommandError(f"adapter folder {adapter} has no adapter_config.json (not a PEFT adapter)")
+        check_adapter(adapter)
         self.batch_size = int(spec.get("batch_size", 8))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = pick_dtype(spec.get("dtype", "auto"), self.device)
+        self.tokenizer = load_tokenizer(spec, path)
         try:
-            revision = spec.get("revision")
-            self.tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-            lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision)
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=spec.get("revision"))
         except OSError as err:
             raise CommandError(f"cannot load model {spec['model']!r} from {path}: {err}") from None
-        if template is not None:
-            self.tokenizer.chat_template = template
-        if not self.tokenizer.chat_template:
-            raise CommandError(f"model {spec['model']!r} has no chat template; set chat_template to a Jinja file")
         self.model = local_identity(
             spec["model"], spec.get("revision"), str(self.tokenizer.chat_template), str(dtype).removeprefix("torch."), adapter
         )
@@ -95,13 +83,10 @@ class LocalBackend:
         return f"LocalBackend(model={self.model!r}, device={self.device!r})"
 
     def render(self, request: Request) -> str:
-        """The prompt text the model continues (chat template + generation prompt), without prefill."""
-        messages = [{"role": role, "content": content} for role, content in request.messages]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render(self.tokenizer, request)
 
     def _encode(self, text: str) -> list[int]:
-        # The chat template already holds any BOS token: add no special tokens.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode(self.tokenizer, text)
 
     def run(
         self,

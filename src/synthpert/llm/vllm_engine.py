@@ -83,6 +83,7 @@ from tqdm import tqdm
 from synthpert.errors import CommandError
 from synthpert.llm.backends import resolve_local_model
 from synthpert.llm.identity import local_identity
+from synthpert.llm.prompting import check_adapter, encode, load_tokenizer, render
 from synthpert.llm.requests import Request, RequestLog, Response, SpendingGuard, plan
 
 logger = logging.getLogger(__name__)
@@ -127,11 +128,6 @@ def lora_mode(spec: dict) -> str:
     if mode not in ("engine", "merge"):
         raise CommandError(f"model {spec['model']!r}: lora must be auto, engine or merge; got {mode!r}")
     return mode
-
-
-def check_adapter(adapter: str | None) -> None:
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise CommandError(f"adapter folder {adapter} has no adapter_config.json (not a PEFT adapter)")
 
 
 def merge_adapter(base: str, adapter: str, dtype: str, revision: str | None = None) -> str:
@@ -259,26 +255,15 @@ class VLLMBackend:
     """A local model served by vLLM in this process; see the module docstring."""
 
     def __init__(self, spec: dict, adapter: str | None = None, engine: Engine | None = None) -> None:
-        from transformers import AutoTokenizer
-
         self.spec = spec
         self.path = resolve_local_model(spec["model"])
         self.adapter = None if adapter is None else str(adapter)
         check_adapter(self.adapter)
         self.dtype = resolve_dtype(spec.get("dtype", "auto"))
-        revision = spec.get("revision")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.path, revision=revision)
-        except OSError as err:
-            raise CommandError(f"cannot load the tokenizer of model {spec['model']!r} from {self.path}: {err}") from None
-        if spec.get("chat_template"):
-            template_path = Path(spec["chat_template"])
-            if not template_path.is_file():
-                raise CommandError(f"chat_template {template_path} of model {spec['model']!r} does not exist")
-            self.tokenizer.chat_template = template_path.read_text()
-        if not self.tokenizer.chat_template:
-            raise CommandError(f"model {spec['model']!r} has no chat template; set chat_template to a Jinja file")
-        self.model = local_identity(spec["model"], revision, str(self.tokenizer.chat_template), self.dtype, self.adapter)
+        self.tokenizer = load_tokenizer(spec, self.path)
+        self.model = local_identity(
+            spec["model"], spec.get("revision"), str(self.tokenizer.chat_template), self.dtype, self.adapter
+        )
         self.max_model_len = int(spec.get("max_model_len", ENGINE_DEFAULTS["max_model_len"]))
         eos = {self.tokenizer.eos_token_id}
         generation_config = Path(self.path) / "generation_config.json"
@@ -325,13 +310,10 @@ class VLLMBackend:
         self.engine.close()
 
     def render(self, request: Request) -> str:
-        """The prompt text the model continues (chat template + generation prompt), without prefill."""
-        messages = [{"role": role, "content": content} for role, content in request.messages]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render(self.tokenizer, request)
 
     def _encode(self, text: str) -> list[int]:
-        # The chat template already holds any BOS token: add no special tokens.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode(self.tokenizer, text)
 
     # -- sampling parameters -------------------------------------------------------
 
