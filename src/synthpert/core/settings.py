@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from synthpert.core import rows
-from synthpert.errors import ConfigError
+from synthpert.errors import CommandError, ConfigError
 
 RUN = {"run": True}
 
@@ -87,8 +87,6 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 def _build(cls, values: dict):
-    from synthpert.errors import CommandError
-
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -170,14 +168,13 @@ class Model(Settings):
     @classmethod
     def of(cls, spec: dict) -> Model:
         names = {f.name for f in dataclasses.fields(cls)} - {"weights"}
-        return cls(**{k: spec.get(k) for k in names if k in spec or k in _MODEL_NULLABLE}, weights=_weights(spec))
+        return cls(**{k: spec[k] for k in names if k in spec}, weights=_weights(spec))  # a completed entry
 
     def spec(self) -> dict:
         """The entry as the backends take it."""
         return dataclasses.asdict(self)
 
 
-_MODEL_NULLABLE = {"base_url", "revision", "chat_template"}
 LOCAL_BACKENDS = ("local", "vllm")  # in-process models: the same prompts, answers and request keys
 
 
