@@ -34,3 +34,16 @@ def demo_config(**changes) -> dict:
 def step_settings(step: str, config: dict | None = None, **wildcards) -> settings.Settings:
     """The typed settings a rule passes to `step`, from `config` (default: the demo's)."""
     return settings.for_step(config if config is not None else demo_config(), step, **wildcards)
+
+
+def random_adapter(model, folder):
+    """A LoRA adapter with non-zero weights (a fresh one would answer as the base model)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(folder)
+    return folder

@@ -12,11 +12,13 @@ import json
 import math
 
 import pytest
+from helpers import random_adapter
 
 pytest.importorskip("vllm")
 
 from synthpert.core.labels import CLASS_NAMES, DOWN, NOT_DE, UP  # noqa: E402
 from synthpert.core.prompts import question_messages  # noqa: E402
+from synthpert.llm.backends import backend_family  # noqa: E402
 from synthpert.llm.local import LocalBackend  # noqa: E402
 from synthpert.llm.requests import Request, RequestLog, SpendingGuard  # noqa: E402
 from synthpert.llm.vllm_engine import VLLMBackend  # noqa: E402
@@ -128,3 +130,23 @@ def test_engine_settings_do_not_enter_the_key(backend, embedded_model):
     other = VLLMBackend({**spec(embedded_model), "backend": "vllm", "max_num_seqs": 3, "gpu_memory_utilization": 0.5,
                          "enable_prefix_caching": False, "max_model_len": 900})
     assert other.model == backend.model and other.engine.llm is None  # nothing started
+
+
+def test_an_adapter_answers_as_through_peft(embedded_model, backend, tmp_path):
+    """A LoRA adapter (non-zero, so it changes the answers) served by vLLM gives the
+    greedy answers and option scores of transformers + PEFT, through the family walk
+    `predict` uses for several rows (on a CPU the adapter is merged into the weights)."""
+    adapter = str(random_adapter(embedded_model, tmp_path / "adapter"))
+    requests = REQUESTS[:3]
+    peft = LocalBackend({**spec(embedded_model), "backend": "local"}, adapter=adapter)
+    want = peft.run(requests, RequestLog(tmp_path / "peft.jsonl"))
+    backend.close()  # one engine at a time on 2 cores
+    family = backend_family({**spec(embedded_model), "backend": "vllm"}, [adapter])
+    for tuned in family:
+        assert tuned.model == peft.model  # the same answers, the same keys
+        got = tuned.run(requests, RequestLog(tmp_path / "vllm.jsonl"))
+    for request in requests:
+        g, w = got[request.key(peft.model)], want[request.key(peft.model)]
+        assert g.text == w.text
+        for option in OPTIONS:
+            assert g.option_logprobs[option] == pytest.approx(w.option_logprobs[option], abs=1e-3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import polars as pl
 import pytest
-from helpers import demo_config, step_settings
+from helpers import demo_config, random_adapter, step_settings
 
 from synthpert import cli
 from synthpert.core.rows import adapter_dir, engine_rows
@@ -22,19 +22,6 @@ QUESTIONS = pl.DataFrame(
     },
     schema_overrides={"label": pl.Int8},
 )
-
-
-def random_adapter(model, folder):
-    """A LoRA adapter with non-zero weights (a fresh one would answer as the base model)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(base, config).save_pretrained(folder)
-    return folder
 
 
 def predict(tmp_path, config, rows, adapters, outs):
