@@ -97,7 +97,8 @@ def wilcoxon(screen: Screen, min_mean_count: float, threads: int = 1) -> tuple[n
 
     counts, groups = compared_cells(screen)
     genes = tested_genes(np.asarray(counts.mean(axis=0)).ravel(), min_mean_count)
-    adata = ad.AnnData(X=counts, obs=pd.DataFrame({"group": pd.Categorical(groups)}))
+    obs = pd.DataFrame({"group": pd.Categorical(groups)}, index=[str(i) for i in range(len(groups))])
+    adata = ad.AnnData(X=counts, obs=obs)
     sc.pp.normalize_total(adata, target_sum=NORMALISED_TOTAL)  # on every gene, before choosing
     sc.pp.log1p(adata)
     adata = adata[:, genes].copy()
