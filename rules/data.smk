@@ -27,9 +27,9 @@ rule derive:
         "logs/derive/{cell}.log",
     wildcard_constraints:
         cell="|".join(config["data"]["derive"]) or "(?!)",
-    threads: 1
     conda:
         "../envs/derive.yaml"
+    threads: 1
     params:
         settings=result_settings("derive"),
     shell:

@@ -15,8 +15,8 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
-
 from helpers import REPO, change, step_settings
+
 from synthpert.core import config as cfg
 from synthpert.core.settings import Derive
 from synthpert.derivation.calls import adjust, split_perturbations
