@@ -235,3 +235,18 @@ def test_own_screen_config_runs_from_the_screen_to_the_tables(tmp_path):
     assert table4["row"].to_list() == ["majority", "transfer", "gene_prior", "knn"]
     table1 = pl.read_csv(tmp_path / "results" / "table1.csv").filter(pl.col("kind") == "computed")
     assert table1["my_line_n"].min() > 0 and table1["K562_n"].min() > 0
+
+    def planned(config: Path) -> str:
+        dry = subprocess.run(
+            [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+             "--configfile", str(config), "--cores", "2", "-n", *tables],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert dry.returncode == 0, dry.stderr[-2000:]
+        return dry.stdout
+
+    assert "Nothing to be done" in planned(REPO / "config" / "own_screen.yaml")
+    stricter = yaml.safe_load((REPO / "config" / "own_screen.yaml").read_text())
+    stricter["data"]["derive"]["my_line"]["fdr"] = 0.01
+    (tmp_path / "stricter.yaml").write_text(yaml.safe_dump(stricter))
+    assert "rule derive:" in planned(tmp_path / "stricter.yaml").replace("localrule", "rule")
