@@ -120,11 +120,13 @@ def main() -> None:
         wall = time.monotonic() - t
         if done.returncode != 0:
             sys.exit(f"derivation failed:\n{done.stderr[-3000:]}")
-        peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        peak_gib = usage.ru_maxrss / 2**20  # KiB on Linux
+        cpu = usage.ru_utime + usage.ru_stime
         times = json.loads(done.stdout.strip().splitlines()[-1])
     fitted = times["fitted_perturbations"]
     print(f"method {args.method}: {json.dumps(times)}")
-    print(f"wall time of the child {wall:.0f} s; peak resident memory {peak_gib:.2f} GiB (limit 8 GiB)")
+    print(f"wall time of the child {wall:.0f} s (CPU {cpu:.0f} s); peak resident memory {peak_gib:.2f} GiB (limit 8 GiB)")
     if fitted < args.perts:
         full = wall - times["fit_s"] + times["fit_s_per_perturbation"] * args.perts
         print(
