@@ -15,7 +15,7 @@ SRC = shlex.quote(f"{workflow.basedir}/src")
 shell.prefix(f"set -euo pipefail; export PYTHONPATH={SRC}:${{{{PYTHONPATH:-}}}}; ")
 
 SPLITS = splits.splits(config)
-FILES = [f"{c}-{k}.csv" for c in config["data"]["cells"] for k in ("de", "dir")]
+FILES = [f"{c}-{k}.csv" for c in cfg.fetched_cells(config) for k in ("de", "dir")]
 LLM_ROWS = [r for r in config["evaluate"]["rows"] if r in rows.LLM_ROWS]
 BASELINE_ROWS = [r for r in config["evaluate"]["rows"] if r not in rows.LLM_ROWS]
 # LLM rows answered together by one vLLM engine per shard (rule predict_student), and
@@ -184,3 +184,19 @@ def screen_targets():
         f"results/screens/{s['model']}/{s['cell']}/{s['pert']}.csv"
         for s in config["screens"]
     ]
+
+
+def cell_files(cell):
+    """A cell line's DE and direction CSVs: fetched from `data.source`, or derived from
+    its own screen (`data.derive`)."""
+    folder = (
+        f"results/derived/{cell}"
+        if cell in config["data"]["derive"]
+        else "resources/perturbqa"
+    )
+    return [f"{folder}/{cell}-{kind}.csv" for kind in ("de", "dir")]
+
+
+def cell_dirs():
+    """`prepare --cell-dir` arguments: the folder of every derived cell line's CSVs."""
+    return " ".join(f"{c}=results/derived/{c}" for c in config["data"]["derive"])

@@ -15,9 +15,32 @@ rule fetch:
         "--sha256 {params.sha256} --out {output} 2> {log}"
 
 
+rule derive:
+    input:
+        lambda wildcards: config["data"]["derive"][wildcards.cell]["h5ad"],
+    output:
+        de="results/derived/{cell}/{cell}-de.csv",
+        dir="results/derived/{cell}/{cell}-dir.csv",
+        stats="results/derived/{cell}/stats.parquet",
+        summary="results/derived/{cell}/summary.json",
+    log:
+        "logs/derive/{cell}.log",
+    wildcard_constraints:
+        cell="|".join(config["data"]["derive"]) or "(?!)",
+    conda:
+        "../envs/derive.yaml"
+    threads: 1
+    params:
+        settings=result_settings("derive"),
+    shell:
+        "python -m synthpert derive --h5ad {input:q} --settings {params.settings:q} "
+        "--threads {threads} --de {output.de} --dir {output.dir} --stats {output.stats} "
+        "--summary {output.summary} 2> {log}"
+
+
 rule prepare:
     input:
-        expand("resources/perturbqa/{file}", file=FILES),
+        [f for cell in config["data"]["cells"] for f in cell_files(cell)],
     output:
         tuples="results/data/tuples.parquet",
         splits=expand("results/data/splits/{split}.parquet", split=SPLITS),
@@ -31,8 +54,10 @@ rule prepare:
     params:
         cells=config["data"]["cells"],
         holdout=config["data"]["holdout"],
+        cell_dirs=cell_dirs(),
     shell:
         "python -m synthpert prepare --input-dir resources/perturbqa --cells {params.cells} "
+        "--cell-dir {params.cell_dirs} "
         "--holdout {params.holdout} --tuples {output.tuples} "
         "--splits-dir results/data/splits --table5 {output.table5} 2> {log}"
 

@@ -4,7 +4,8 @@
     core             labels, prompts, sampling, io, settings ... : imports only core (and errors)
     llm              request log, identities, backends, embedded model: core and llm
     evaluation       metrics, answers, baselines, predictions files: core, llm, evaluation
-    steps            one module per subcommand: core, llm, evaluation; never another step
+    derivation       an .h5ad screen to tuples (checks, DE tests, calls): core, derivation
+    steps            one module per subcommand: core, llm, evaluation, derivation; never another step
     tools            ask, screen: core, llm, evaluation, tools
 
 Every import counts, those inside functions too.
@@ -26,7 +27,8 @@ ALLOWED = {
     "core": {"core", "errors"},
     "llm": {"core", "llm", "errors"},
     "evaluation": {"core", "llm", "evaluation", "errors"},
-    "steps": {"core", "llm", "evaluation", "errors"},
+    "derivation": {"core", "derivation", "errors"},
+    "steps": {"core", "llm", "evaluation", "derivation", "errors"},
     "tools": {"core", "llm", "evaluation", "tools", "errors"},
     "cli": {"errors"},
     "__main__": {"cli"},

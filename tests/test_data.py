@@ -183,8 +183,10 @@ def test_splits_default_and_holdout():
         data.make_split(tuples, "random")
 
 
-def test_unknown_cell_line():
-    with pytest.raises(CommandError, match=r"unknown cell line\(s\) \['hela'\]"):
+def test_any_cell_line_id_but_a_safe_one():
+    with pytest.raises(CommandError, match=r"cell line id\(s\) \['HeLa'\]: expected lower-case"):
+        data.build_tuples(DEMO, ["k562", "HeLa"])
+    with pytest.raises(CommandError, match=r"hela-de.csv: file not found"):  # a new id is welcome; its files must exist
         data.build_tuples(DEMO, ["k562", "hela"])
 
 

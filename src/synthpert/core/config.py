@@ -39,12 +39,16 @@ def load(path: str | Path) -> dict:
 
 def check(config: dict) -> None:
     data = config["data"]
-    missing = [
-        f"{cell}-{kind}.csv"
-        for cell in data["cells"]
-        for kind in ("de", "dir")
-        if f"{cell}-{kind}.csv" not in data["sha256"]
-    ]
+    stray = [c for c in data["derive"] if c not in data["cells"]]
+    if stray:
+        raise ConfigError(f"data.derive: {stray} not in data.cells {data['cells']}")
+    fetched = fetched_cells(config)
+    if fetched and not data["source"]:
+        raise ConfigError(
+            f"data.source: none given, yet cell lines {fetched} are not in data.derive; "
+            "name the folder or URL holding their <cell>-de.csv and <cell>-dir.csv"
+        )
+    missing = [f"{cell}-{kind}.csv" for cell in fetched for kind in ("de", "dir") if f"{cell}-{kind}.csv" not in data["sha256"]]
     if missing:
         raise ConfigError(f"data.sha256: no pinned checksum for {missing}")
     stray = [c for c in data["holdout"] if c not in data["cells"]]
@@ -72,3 +76,9 @@ def check(config: dict) -> None:
     untrained = [r for r in config["evaluate"]["rows"] if r in TRAINED_ROWS and r not in config["train"]["variants"]]
     if untrained:
         raise ConfigError(f"evaluate.rows: {untrained} are not trained; add them to train.variants")
+
+
+def fetched_cells(config: dict) -> list[str]:
+    """The cell lines whose CSV pairs are fetched from `data.source` (the others are
+    derived from their own screen, `data.derive`)."""
+    return [c for c in config["data"]["cells"] if c not in config["data"]["derive"]]

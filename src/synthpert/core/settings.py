@@ -349,6 +349,31 @@ class Screen(Settings):
         return cls(_model(config, name), Generation.of(config["evaluate"]["generation"]), model in rows.TRAINED_ROWS)
 
 
+@dataclass(frozen=True)
+class Derive(Settings):
+    """How one cell line's own screen becomes tuples (`data.derive.<cell>`): the columns
+    and layer read, the test, its correction and thresholds, the seeds. The .h5ad itself
+    is the rule's input file."""
+
+    perturbation_column: str
+    control: str
+    layer: str | None
+    replicate_column: str | None
+    pseudo_replicates: int
+    method: str
+    correction: str
+    fdr: float
+    min_cells: int
+    min_mean_count: float
+    test_fraction: float
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: dict, cell: str, **_) -> Derive:
+        spec = config["data"]["derive"][cell]
+        return cls(**{f.name: spec[f.name] for f in dataclasses.fields(cls)})
+
+
 STEPS: dict[str, type[Settings]] = {
     "trace_sample": TraceSample,
     "traces": Traces,
@@ -360,6 +385,7 @@ STEPS: dict[str, type[Settings]] = {
     "baseline": Baseline,
     "tables": Tables,
     "screen": Screen,
+    "derive": Derive,
 }
 
 

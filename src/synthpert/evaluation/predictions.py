@@ -13,8 +13,8 @@ from synthpert.errors import CommandError
 
 def row_of(path: Path) -> str:
     """The model row of a predictions file: `.../{row}/{cell}.parquet` (baselines) or
-    `.../{row}/{cell}/{shard}.parquet` (LLM rows, sharded)."""
-    return path.parent.parent.name if path.parent.name in CELLS else path.parent.name
+    `.../{row}/{cell}/{shard}.parquet` (LLM rows, sharded; a cell id never is a number)."""
+    return path.parent.parent.name if path.stem.isdigit() else path.parent.name
 
 
 def load_predictions(paths: list[str | Path]) -> pl.DataFrame:

@@ -8,13 +8,14 @@ is an error naming the file and showing the first offending rows.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
 import polars as pl
 
 from synthpert.core.io import write_csv, write_parquet
-from synthpert.core.labels import CELLS, display_cell, three_class
+from synthpert.core.labels import check_cells, display_cell, three_class
 from synthpert.core.splits import split_names
 from synthpert.errors import CommandError
 
@@ -85,11 +86,16 @@ def build_cell(cell: str, de_path: Path, dir_path: Path) -> pl.DataFrame:
     ).sort("pert", "gene")
 
 
-def build_tuples(input_dir: Path, cells: list[str]) -> pl.DataFrame:
-    unknown = [c for c in cells if c not in CELLS]
-    if unknown:
-        raise CommandError(f"unknown cell line(s) {unknown}; expected some of {list(CELLS)}")
-    frames = [build_cell(c, input_dir / f"{c}-de.csv", input_dir / f"{c}-dir.csv") for c in cells]
+def build_tuples(input_dir: Path, cells: list[str], cell_dirs: dict[str, Path] | None = None) -> pl.DataFrame:
+    """Every cell line's table; its CSV pair is in `input_dir` unless `cell_dirs` names
+    its own folder (a cell line derived from its own screen)."""
+    check_cells(cells)
+    cell_dirs = cell_dirs or {}
+    stray = sorted(set(cell_dirs) - set(cells))
+    if stray:
+        raise CommandError(f"--cell-dir names cell line(s) {stray} not in --cells {cells}")
+    folders = {c: cell_dirs.get(c, input_dir) for c in cells}
+    frames = [build_cell(c, folders[c] / f"{c}-de.csv", folders[c] / f"{c}-dir.csv") for c in cells]
     return pl.concat(frames)
 
 
@@ -114,7 +120,7 @@ def table5(tuples: pl.DataFrame) -> pl.DataFrame:
         pl.col("direction").is_not_null().sum().alias("Direction of change"),
         pl.len().alias("Differential expression"),
     )
-    cells = [c for c in CELLS if c in counts["cell"].to_list()]
+    cells = tuples["cell"].unique(maintain_order=True).to_list()
     rows = []
     for task in ("Direction of change", "Differential expression"):
         per_cell = dict(zip(counts["cell"], counts[task], strict=True))
@@ -127,14 +133,25 @@ def table5(tuples: pl.DataFrame) -> pl.DataFrame:
 def add_arguments(parser) -> None:
     parser.add_argument("--input-dir", required=True, type=Path, help="folder with the verified CSVs")
     parser.add_argument("--cells", nargs="+", required=True, help="cell lines to read")
+    parser.add_argument(
+        "--cell-dir", nargs="*", default=[], type=_cell_dir, metavar="CELL=DIR",
+        help="a cell line whose CSV pair is in its own folder (derived from its screen), not in --input-dir",
+    )
     parser.add_argument("--holdout", nargs="*", default=[], help="cell lines to hold out whole")
     parser.add_argument("--tuples", required=True, type=Path, help="output: three-class table (Parquet)")
     parser.add_argument("--splits-dir", required=True, type=Path, help="output folder: <split>.parquet")
     parser.add_argument("--table5", required=True, type=Path, help="output: dataset statistics (CSV)")
 
 
+def _cell_dir(text: str) -> tuple[str, Path]:
+    cell, sep, folder = text.partition("=")
+    if not sep or not cell or not folder:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected CELL=DIR")
+    return cell, Path(folder)
+
+
 def main(args) -> None:
-    tuples = build_tuples(args.input_dir, args.cells)
+    tuples = build_tuples(args.input_dir, args.cells, dict(args.cell_dir))
     splits = {name: make_split(tuples, name) for name in split_names(args.holdout)}
     stats = table5(tuples)
     write_parquet(tuples, args.tuples)

@@ -20,7 +20,7 @@ import polars as pl
 
 from synthpert.core.arguments import add_settings_arguments
 from synthpert.core.io import atomic_path, write_parquet
-from synthpert.core.labels import CELLS, CLASS_KEYS, class_probabilities
+from synthpert.core.labels import CLASS_KEYS, check_cells, class_probabilities
 from synthpert.core.prompts import APPROACHES, answer_options, generator_messages, parse_answer, parse_reasoning
 from synthpert.core.sampling import balanced, sample_size
 from synthpert.core.settings import Sample, Traces, TraceSample
@@ -105,10 +105,7 @@ def trace_shard(sample: pl.DataFrame, cell: str, shard: int, shards: int) -> pl.
     empty shards (a small pooled sample may miss one), so a fixed grid of jobs completes."""
     cells = sorted(sample["cell"].unique().to_list())
     if cell not in cells:
-        if cell not in CELLS:
-            raise CommandError(
-                f"unknown cell line {cell!r}: the trace sample has {cells} (cell lines are {list(CELLS)})"
-            )
+        check_cells([cell])
         log.warning("cell line %s has no tuple in the trace sample (it has %s): empty shard", cell, cells)
     if not 0 <= shard < shards:
         raise CommandError(f"shard {shard} is outside 0..{shards - 1} (traces.shards = {shards})")

@@ -310,7 +310,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="a model of the configuration (student, teacher ...), a model row (base, synthpert, sft_data ...; "
         "trained rows use RESULTS/models/SPLIT/ROW/adapter) or a PEFT adapter folder",
     )
-    parser.add_argument("--cell", required=True, help="cell line (K562, RPE1, HepG2, Jurkat)")
+    parser.add_argument("--cell", required=True, help="cell line of the split (K562, RPE1, HepG2, Jurkat, or your own)")
     parser.add_argument("--pert", required=True, help="the knocked-down gene")
     parser.add_argument(
         "--split", default=None, help="split the model was trained on (default: from an adapter path, else 'default')"
