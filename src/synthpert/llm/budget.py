@@ -115,17 +115,20 @@ class Ledger:
         self._offset += len(line)
         self._apply(record)
 
-    def committed(self, step: str | None = None, skip: str = "") -> tuple[float, float, bool]:
+    def _committed(self, step: str | None = None, skip: str = "") -> tuple[float, float, bool]:
         """(settled USD, open reservations' USD, whether any open one is in flight) of one
         step, or of all steps for None; `skip` leaves out one reservation id."""
         spent = sum(v for s, v in self.spent.items() if step is None or s == step)
         records = [r for i, r in self.open.items() if i != skip and (step is None or r["step"] == step)]
         return spent, sum(float(r["usd"]) for r in records), any(_alive(r, self.lease_s) for r in records)
 
-    def totals(self) -> dict[str, float]:
-        """Settled USD by step, read afresh."""
+    def totals(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(settled USD by step, USD of open reservations by step), read afresh."""
         with self._locked():
-            return dict(self.spent)
+            reserved: dict[str, float] = defaultdict(float)
+            for record in self.open.values():
+                reserved[record["step"]] += float(record["usd"])
+            return dict(self.spent), dict(reserved)
 
     def reserve(self, rid: str, usd: float, step: str, caps: dict[str | None, float | None], **extra) -> tuple[str, str]:
         """Reserve `usd` for `step` if it fits under every cap (`caps`: step name or None for
@@ -134,7 +137,7 @@ class Ledger:
             for scope, cap in caps.items():
                 if cap is None:
                     continue
-                spent, reserved, in_flight = self.committed(scope, skip=rid)
+                spent, reserved, in_flight = self._committed(scope, skip=rid)
                 if spent + reserved + usd > cap + 1e-12:
                     name = f"{scope} budget" if scope else "run budget (budget.usd)"
                     why = (
