@@ -1,5 +1,8 @@
+import hashlib
+import json
 import re
 import shlex
+from pathlib import Path
 
 from synthpert.core import config as cfg
 from synthpert.core import rows, splits
@@ -170,3 +173,18 @@ def screen_targets():
         f"results/screens/{s['model']}/{s['cell']}/{s['pert']}.csv"
         for s in config["screens"]
     ]
+
+
+def plan_model_files():
+    """The files of every model the plan counts tokens with."""
+    names = {config[step]["model"] for step in ("traces", "critic", "train")}
+    return [f for name in sorted(names) for f in model_files(name)]
+
+
+def request_logs_digest(wildcards):
+    """Names and sizes of the request logs under results/: as a params of the plan, it redoes
+    the plan once an answer was added (the logs are no rule's output)."""
+    state = sorted(
+        f"{p}:{p.stat().st_size}" for p in Path("results").glob("**/*.requests.jsonl")
+    )
+    return hashlib.sha256("\n".join(state).encode()).hexdigest()[:16]
