@@ -11,7 +11,12 @@ rule plan:
     conda:
         "../envs/llm.yaml"
     params:
-        config=json.dumps(config, sort_keys=True),
+        # A short digest re-runs the plan when the configuration changes; the JSON itself is
+        # passed as a function of resources, never compared (its diff would flood the log).
+        config_digest=hashlib.sha256(
+            json.dumps(config, sort_keys=True).encode()
+        ).hexdigest()[:16],
         logs=request_logs_digest,
+        config=lambda wildcards, resources: json.dumps(config, sort_keys=True),
     shell:
         "python -m synthpert plan --config-json {params.config:q} --results results --out {output} 2> {log}"

@@ -29,7 +29,6 @@ import polars as pl
 
 from synthpert.core import rows as table_rows
 from synthpert.core import splits
-from synthpert.core.config import complete
 from synthpert.core.config import load as load_config
 from synthpert.core.io import write_csv
 from synthpert.core.pricing import Price
@@ -68,6 +67,12 @@ class ModelView:
     settings: Model
     counter: TokenCounter
     identities: dict[Path | None, set[str]] = field(default_factory=dict)  # by adapter
+    counts: dict[Request, int] = field(default_factory=dict)  # rows asking the same questions count once
+
+    def count(self, request: Request) -> int:
+        if request not in self.counts:
+            self.counts[request] = self.counter.count(request)
+        return self.counts[request]
 
 
 # --- the jobs of each step ---------------------------------------------------------------
@@ -197,7 +202,7 @@ def tally(jobs: list[Job], view: ModelView) -> Tally:
                 total.answered += 1
                 continue
             total.to_send += 1
-            total.prompt_tokens += view.counter.count(request) + job.extra_prompt_tokens
+            total.prompt_tokens += view.count(request) + job.extra_prompt_tokens
             total.max_new_tokens += request.max_new_tokens
         total.exact &= job.exact
         if job.log.is_file():
@@ -320,14 +325,14 @@ def summary(plan: pl.DataFrame, config: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--configfile", type=Path, help="configuration file (YAML)")
-    source.add_argument("--config-json", help="the completed configuration as JSON (what the rule passes)")
+    source.add_argument("--config-json", help="the configuration as the workflow validated and completed it, as JSON (the rule)")
     parser.add_argument("--results", type=Path, default=Path("results"), help="the workflow's results folder")
     parser.add_argument("--out", type=Path, default=None, help="write the plan as CSV here")
 
 
 def main(args: argparse.Namespace) -> None:
     try:
-        config = load_config(args.configfile) if args.configfile else complete(json.loads(args.config_json))
+        config = load_config(args.configfile) if args.configfile else json.loads(args.config_json)
     except ConfigError as err:
         raise CommandError(f"invalid configuration: {err}") from None
     plan = build_plan(config, args.results)
