@@ -19,7 +19,12 @@ from helpers import demo_config, step_settings
 from synthpert.core.pricing import Price
 from synthpert.core.settings import Sample
 from synthpert.errors import ConfigError
-from synthpert.llm.budget import BudgetGuard, Ledger, spending_guard, worst_prompt_tokens
+from synthpert.llm.budget import (
+    BudgetGuard,
+    Ledger,
+    spending_guard,
+    worst_prompt_tokens,
+)
 from synthpert.llm.requests import OK, STOP, WAIT, Request, RequestLog, SpendingGuard
 from synthpert.steps.traces import draw_sample
 
@@ -187,3 +192,26 @@ def requests_of(sample: pl.DataFrame) -> list[Request]:
 
     config = demo_config(**{"models.teacher": {"backend": "openai", "model": "m"}, "traces.generation": {"max_new_tokens": 64}})
     return generator_requests(sample, step_settings("traces", config))
+
+
+def test_batch_api_submits_what_fits_at_half_price_and_says_why_it_stopped(tmp_path, monkeypatch):
+    from synthpert.llm.backends import make_backend
+
+    monkeypatch.setenv(KEY_ENV, "sk-test")
+    requests = [ask(f"question {i}", max_new_tokens=20) for i in range(10)]
+    price = Price.of(PRICE)
+    worst = price.usd(worst_prompt_tokens(requests[0]), 20, batch=True)
+    cap = 4.5 * worst  # four reservations fit, the fifth does not
+    with FakeOpenAI() as server:
+        server.batches_done.set()
+        backend = make_backend({"backend": "openai", "model": "fake-model", "base_url": server.base_url,
+                                "api_key_env": KEY_ENV, "batch_api": True})  # fmt: skip
+        backend.poll_first_s = backend.poll_cap_s = 0.05
+        ledger = Ledger(tmp_path / "ledger.jsonl")
+        guard = BudgetGuard(ledger, "evaluate", {"evaluate": cap, None: None}, price, True, "log")
+        answers = backend.run(requests, RequestLog(tmp_path / "log.jsonl"), guard)
+    assert len(answers) == 4 and len(server.batch_creates) == 1
+    assert guard.exhausted and "the evaluate budget of" in guard.stop_reason
+    paid = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    spent = sum(price.usd(r["prompt_tokens"], r["completion_tokens"], batch=True) for r in paid)
+    assert ledger.totals() == ({"evaluate": pytest.approx(spent)}, {})

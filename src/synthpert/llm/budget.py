@@ -171,18 +171,19 @@ class BudgetGuard(SpendingGuard):
     def worst_usd(self, request: Request) -> float:
         return self.price.usd(worst_prompt_tokens(request), request.max_new_tokens, batch=self.batch)
 
-    def claim(self, key: str = "", request: Request | None = None) -> str:
+    def claim(self, key: str = "", request: Request | None = None, wait: bool = True) -> str:
         if request is None:
             raise ValueError("a budget needs the request to price it")
         with self._lock:
             if self.exhausted:
                 return STOP
         verdict, why = self.ledger.reserve(self._id(key), self.worst_usd(request), self.step, self.caps)
+        if verdict == WAIT and wait:
+            return WAIT
         if verdict != OK:
-            if verdict == STOP:
-                with self._lock:
-                    self.exhausted, self.stop_reason = True, why
-            return verdict
+            with self._lock:
+                self.exhausted, self.stop_reason = True, why
+            return STOP
         verdict = super().claim(key, request)
         if verdict != OK:  # the per-shard cap refused it: the reservation is not needed
             self.ledger.settle(self._id(key), 0.0, self.step, unsent=True)

@@ -344,7 +344,7 @@ class OpenAIBackend:
             if key in submitted:
                 continue
             # A batch takes hours: no waiting for room here, a rerun submits the rest.
-            if guard is not None and guard.claim(key, request) != OK:
+            if guard is not None and guard.claim(key, request, wait=False) != OK:
                 break
             todo.append((key, request))
         results: dict[str, Response] = {}

@@ -209,9 +209,9 @@ class SpendingGuard:
         self.stop_reason = ""  # why, for the error that stops the step
         self._lock = threading.Lock()
 
-    def claim(self, key: str = "", request: Request | None = None) -> str:
-        """OK (send it, counted), STOP (send nothing more) or WAIT (ask again in `poll_s`:
-        requests in flight may free room). Never blocks on other jobs."""
+    def claim(self, key: str = "", request: Request | None = None, wait: bool = True) -> str:
+        """OK (send it, counted), STOP (send nothing more) or, if `wait`, WAIT (ask again in
+        `poll_s`: requests in flight may free room). Never blocks on other jobs."""
         with self._lock:
             over = (self.max_requests is not None and self.requests >= self.max_requests) or (
                 self.max_tokens is not None and self.tokens >= self.max_tokens
