@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 import yaml
 from helpers import demo_config, step_settings
+from test_rerun import small_config
 
 from synthpert.core.pricing import Price
 from synthpert.core.settings import Sample
@@ -25,27 +26,20 @@ from synthpert.steps.questions import select_questions
 from synthpert.steps.traces import draw_sample
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_DATA = REPO / "data" / "perturbqa-demo"
 PRICE = {"input": 1.1, "cached_input": 0.275, "output": 4.4, "date": "2026-07-02", "source": "test"}
 
 
 def tiny_config() -> dict:
-    """config/demo.yaml cut to two cell lines, no trained row and short generations: the
-    traces, the critic and two LLM rows (base, teacher) in a couple of minutes."""
-    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
-    cells = ["k562", "rpe1"]
-    config["data"].update(source=str(DEMO_DATA), cells=cells, holdout=[])
-    config["data"]["sha256"] = {k: v for k, v in config["data"]["sha256"].items() if k.split("-")[0] in cells}
-    config["traces"].update(sample={"count": 8, "seed": 88, "balanced": True}, generation={"max_new_tokens": 48})
-    config["critic"]["keep_grades"] = ["excellent", "good", "average", "bad", "terrible"]
-    config["evaluate"].update(rows=["majority", "base", "teacher"], sample={"count": 2, "seed": 88},
-                              generation={"max_new_tokens": 8}, bootstrap=20)  # fmt: skip
+    """test_rerun's small demo without a trained row: the traces, the critic and the
+    teacher row."""
+    config = small_config()
+    config["evaluate"]["rows"] = ["majority", "teacher"]
     return config
 
 
 def snakemake(work: Path, config_file: Path, *targets: str) -> str:
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
-           "--cores", "2", "--configfile", str(config_file), *targets]  # fmt: skip
+           "--cores", "2", *targets, "--configfile", str(config_file)]  # fmt: skip (targets before --configfile)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
     return done.stdout
@@ -85,14 +79,17 @@ def test_plan_counts_what_the_demo_then_sends(tmp_path, embedded_model):
     assert before.filter(pl.col("backend") == "local")["gpu_hours"].is_null().all()  # no rate known yet
 
     traces = [f"results/traces/default/{cell}/0.parquet" for cell in ("k562", "rpe1")]
-    snakemake(work, config_file, *traces, "results/plan.csv")  # new answers in the logs: the plan is redone
+    snakemake(work, config_file, *traces)
+    snakemake(work, config_file, "results/plan.csv")  # new answers in the logs: the plan is redone
     after_traces = pl.read_csv(work / "results" / "plan.csv")
     row = after_traces.filter(pl.col("step") == "traces").row(0, named=True)
     assert row["to_send"] == 0 and row["answered"] == row["requests"]
     assert row["completion_basis"] == f"measured: mean of {row['requests']} answers"
     assert (after_traces["count"] == "exact").all()
+    assert after_traces.filter(pl.col("step") == "critic")["to_send"].item() > 0  # some traces have reasoning
 
-    snakemake(work, config_file, "results/table1.csv", "results/sft/default/critic_stats.csv")
+    graded = [f"results/traces/default/{cell}/0.graded.parquet" for cell in ("k562", "rpe1")]
+    snakemake(work, config_file, "results/table1.csv", *graded)
     counts = sent(work)
     expected = planned(before, "to_send")
     expected[("critic", "")] = planned(after_traces, "to_send")[("critic", "")]  # exact once the traces exist
