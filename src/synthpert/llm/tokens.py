@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from synthpert.errors import CommandError
-from synthpert.llm.requests import Request
+from synthpert.llm.requests import ROLES, Request
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +93,10 @@ def openai_counter(model: str) -> TokenCounter:
             return estimate(f"tiktoken cannot fetch {name} and no local copy was found (pip install bpe-openai)")
         encoding = tiktoken.get_encoding(name)
 
+    roles = {role: len(encoding.encode(role)) for role in ROLES}
+
     def count(request: Request) -> int:
-        return sum(3 + len(encoding.encode(role)) + len(encoding.encode(text)) for role, text in request.messages) + 3
+        return sum(3 + roles[role] + len(encoding.encode(text)) for role, text in request.messages) + 3
 
     return TokenCounter(f"tiktoken {name}", count)
 

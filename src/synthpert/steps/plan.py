@@ -13,7 +13,8 @@ where `batch_api` is on). A local model gets GPU-hours at its `tokens_per_second
 
 The critic's requests depend on the traces: until a shard's traces are written, the plan
 counts one request per sampled tuple (`count` says "at most") with the teacher's expected
-completion as the reasoning's length. Screens are not planned.
+completion as the reasoning's length. A critic endpoint that rejects structured outputs
+is asked again in the tag format: those requests are not planned. Screens are not planned.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ from synthpert.evaluation.answers import build_requests, question_shard
 from synthpert.llm.embedded import is_embedded, local_path
 from synthpert.llm.identity import api_identity, local_identity
 from synthpert.llm.requests import Request, RequestLog, request_log_path
-from synthpert.llm.step_requests import critic_mode, critic_requests, generator_requests, trace_shard
+from synthpert.llm.step_requests import (
+    critic_mode,
+    critic_requests,
+    generator_requests,
+    trace_shard,
+)
 from synthpert.llm.tokens import TokenCounter, estimate, local_counter, openai_counter
 
 log = logging.getLogger(__name__)
