@@ -162,7 +162,7 @@ def test_two_shards_stop_together_within_one_request_of_the_cap_then_resume(tmp_
         first = run_shards(tmp_path, server, cap)
         for proc in first:
             assert proc.returncode == 1, proc.stderr[-2000:]
-            assert "the spending guard stopped the run (the traces budget of $2.0000" in proc.stderr
+            assert "the spending guard stopped the run (the traces budget (traces.budget_usd) of $2.0000" in proc.stderr
             assert "missing (never sent, so unpaid)" in proc.stderr and "rerunning (with a higher limit)" in proc.stderr
         assert not list(tmp_path.glob("?.parquet")) and not list(tmp_path.glob("*.usage.json"))  # no partial output
         paid = logged(tmp_path)
@@ -211,7 +211,7 @@ def test_batch_api_submits_what_fits_at_half_price_and_says_why_it_stopped(tmp_p
         guard = BudgetGuard(ledger, "evaluate", {"evaluate": cap, None: None}, price, True, "log")
         answers = backend.run(requests, RequestLog(tmp_path / "log.jsonl"), guard)
     assert len(answers) == 4 and len(server.batch_creates) == 1
-    assert guard.exhausted and "the evaluate budget of" in guard.stop_reason
+    assert guard.exhausted and "the evaluate budget (evaluate.budget_usd) of" in guard.stop_reason
     paid = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     spent = sum(price.usd(r["prompt_tokens"], r["completion_tokens"], batch=True) for r in paid)
     assert ledger.totals() == ({"evaluate": pytest.approx(spent)}, {})

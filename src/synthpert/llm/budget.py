@@ -139,7 +139,7 @@ class Ledger:
                     continue
                 spent, reserved, in_flight = self._committed(scope, skip=rid)
                 if spent + reserved + usd > cap + 1e-12:
-                    name = f"{scope} budget" if scope else "run budget (budget.usd)"
+                    name = f"{scope} budget ({scope}.budget_usd)" if scope else "run's budget (budget.usd)"
                     why = (
                         f"the {name} of ${cap:.4f} is spent down to ${cap - spent - reserved:.4f} "
                         f"(${spent:.4f} paid, ${reserved:.4f} reserved by requests in flight or by killed jobs), "
