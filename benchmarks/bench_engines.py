@@ -33,32 +33,22 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "perturbqa-demo"
 
 
 def build_requests(n: int, max_new_tokens: int):
-    """`n` test questions of the demo data as the evaluation asks a local model (task de3)."""
+    """`n` test questions of the demo data, asked exactly as the evaluation asks a local
+    model (`evaluation.answers.question_request`, task de3), spread over the cell lines."""
     import polars as pl
 
-    from synthpert import prompts
-    from synthpert.core.labels import CLASS_NAMES, DOWN, NOT_DE, UP
-    from synthpert.llm.requests import Request
+    from synthpert.core.settings import Generation
+    from synthpert.evaluation.answers import qid_expr, question_request
 
-    rows = []
-    for path in sorted(DATA.glob("*-de.csv")):
-        cell = path.name.removesuffix("-de.csv")
-        df = pl.read_csv(path).filter(pl.col("split") == "test").sort("pert", "gene")
-        rows += [(cell, r["pert"], r["gene"]) for r in df.iter_rows(named=True)]
-    if len(rows) < n:
-        raise SystemExit(f"only {len(rows)} test questions in {DATA}")
-    step = len(rows) // n  # spread over the cell lines
-    options = tuple(CLASS_NAMES[c] for c in (NOT_DE, DOWN, UP))
-    return [
-        Request(
-            messages=prompts.question_messages(cell, pert, gene, "de3"),
-            max_new_tokens=max_new_tokens,
-            prefill="<think>\n",
-            options=options,
-            tag=f"{cell}|{pert}|{gene}",
-        )
-        for cell, pert, gene in rows[::step][:n]
+    frames = [
+        pl.read_csv(path).filter(pl.col("split") == "test").with_columns(cell=pl.lit(path.name.removesuffix("-de.csv")))
+        for path in sorted(DATA.glob("*-de.csv"))
     ]
+    rows = pl.concat(frames, how="diagonal_relaxed").sort("cell", "pert", "gene").with_columns(qid=qid_expr())
+    if rows.height < n:
+        raise SystemExit(f"only {rows.height} test questions in {DATA}")
+    generation = Generation(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, reasoning_effort=None)
+    return [question_request(q, "de3", generation, local=True) for q in rows.gather_every(rows.height // n).head(n).iter_rows(named=True)]
 
 
 def worker(args) -> None:

@@ -63,14 +63,13 @@ def build_model(workdir: Path, tokenizer_dir: str) -> None:
 
 
 def build_requests(n: int, max_new_tokens: int):
-    from synthpert import prompts
-    from synthpert.core.labels import CLASS_NAMES, DOWN, NOT_DE, UP
-    from synthpert.llm.requests import Request
+    """`n` distinct questions, asked as the evaluation asks a local model (task de3)."""
+    from synthpert.core.settings import Generation
+    from synthpert.evaluation.answers import question_request
 
-    options = tuple(CLASS_NAMES[c] for c in (NOT_DE, DOWN, UP))
+    generation = Generation(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, reasoning_effort=None)
     return [
-        Request(messages=prompts.question_messages("k562", f"GENE{i}", f"TARGET{i % 97}", "de3"),
-                max_new_tokens=max_new_tokens, prefill="<think>\n", options=options, tag=str(i))
+        question_request({"qid": str(i), "cell": "k562", "pert": f"GENE{i}", "gene": f"TARGET{i % 97}"}, "de3", generation, local=True)
         for i in range(n)
     ]
 

@@ -21,6 +21,10 @@ SPLITS = splits.splits(config)
 FILES = [f"{c}-{k}.csv" for c in config["data"]["cells"] for k in ("de", "dir")]
 LLM_ROWS = [r for r in config["evaluate"]["rows"] if r in rows.LLM_ROWS]
 BASELINE_ROWS = [r for r in config["evaluate"]["rows"] if r not in rows.LLM_ROWS]
+# LLM rows answered together by one vLLM engine per shard (rule predict_student), and
+# those answered one row per job (rule predict).
+ENGINE_ROWS = rows.engine_rows(config)
+SINGLE_ROWS = [r for r in LLM_ROWS if r not in ENGINE_ROWS]
 # Table 4: the first held-out cell line (the paper holds out RPE1).
 HOLDOUT_TABLE_SPLIT = SPLITS[1] if len(SPLITS) > 1 else None
 # critic_select always writes both plain variants; the balanced one only when trained.
@@ -39,21 +43,22 @@ wildcard_constraints:
     row="|".join(config["evaluate"]["rows"]),
 
 
-def result_settings(step):
+def result_settings(step, **fixed):
     """What decides a step's output, as JSON (`synthpert.core.settings`): a job re-runs when it
-    changes. Use as `params: settings=result_settings(step)`."""
+    changes. Use as `params: settings=result_settings(step)`; `fixed` gives wildcards a
+    rule does not have."""
     return lambda wildcards: step_settings.for_step(
-        config, step, **dict(wildcards.items())
+        config, step, **dict(wildcards.items()), **fixed
     ).params_json()
 
 
-def run_settings(step):
+def run_settings(step, **fixed):
     """How a step runs (concurrency, retries, batch sizes, caps, logging), as JSON. A
     params function of `resources` counts as derived from the job's resources, so
     Snakemake never re-runs a job because it changed. Use as `params: run=run_settings(step)`.
     """
     return lambda wildcards, resources: step_settings.for_step(
-        config, step, **dict(wildcards.items())
+        config, step, **dict(wildcards.items()), **fixed
     ).run_json()
 
 
@@ -125,6 +130,15 @@ def row_adapter(wildcards):
     if wildcards.row in rows.TRAINED_ROWS:
         return [str(rows.adapter_dir(wildcards.split, wildcards.row))]
     return []
+
+
+def engine_adapters(wildcards):
+    """The adapters of the trained rows among ENGINE_ROWS, in their order."""
+    return [
+        str(rows.adapter_dir(wildcards.split, row))
+        for row in ENGINE_ROWS
+        if row in rows.TRAINED_ROWS
+    ]
 
 
 TABLE_SPLIT = {"1": "default", "2": "default", "3": "default", "4": HOLDOUT_TABLE_SPLIT}

@@ -25,7 +25,7 @@ rule predict:
     log:
         "logs/predict/{split}/{row}/{cell}/{shard}.log",
     wildcard_constraints:
-        row="|".join(LLM_ROWS) or "none",
+        row="|".join(SINGLE_ROWS) or "none",
     conda:
         "../envs/llm.yaml"
     params:
@@ -38,6 +38,33 @@ rule predict:
         "python -m synthpert predict --questions {input.questions} --row {wildcards.row} "
         "--cell {wildcards.cell} --shard {wildcards.shard} --split {wildcards.split} "
         "{params.adapter} --settings {params.settings:q} --run {params.run:q} --out {output} 2> {log}"
+
+
+if ENGINE_ROWS:
+
+    rule predict_student:
+        input:
+            questions="results/eval/{split}/questions.parquet",
+            model=model_files(config["train"]["model"]),
+            adapters=engine_adapters,
+        output:
+            [
+                f"results/predictions/{{split}}/{row}/{{cell}}/{{shard}}.parquet"
+                for row in ENGINE_ROWS
+            ],
+        log:
+            "logs/predict/{split}/student/{cell}/{shard}.log",
+        conda:
+            "../envs/llm.yaml"
+        params:
+            rows=ENGINE_ROWS,
+            settings=result_settings("predict", row=ENGINE_ROWS[0]),
+            run=run_settings("predict", row=ENGINE_ROWS[0]),
+        shell:
+            "python -m synthpert predict --questions {input.questions} --row {params.rows} "
+            "--cell {wildcards.cell} --shard {wildcards.shard} --split {wildcards.split} "
+            "--adapter {input.adapters} --settings {params.settings:q} --run {params.run:q} "
+            "--out {output} 2> {log}"
 
 
 rule baseline:

@@ -39,9 +39,9 @@ RUNTIME_NEEDS = {
 # Imports inside functions that a rule's step never calls (rule -> (module, function)).
 NOT_REACHED = {
     # `traces sample` draws the question sample and builds no LLM backend.
-    "trace_sample": {("synthpert.llm.backends", "make_backend"), ("synthpert.llm.backends", "resolve_local_model")},
+    "trace_sample": {("synthpert.llm.backends", f) for f in ("make_backend", "_vllm_backend_class", "resolve_local_model")},
     # `critic select` filters graded tables and builds no LLM backend.
-    "critic_select": {("synthpert.llm.backends", "make_backend"), ("synthpert.llm.backends", "resolve_local_model")},
+    "critic_select": {("synthpert.llm.backends", f) for f in ("make_backend", "_vllm_backend_class", "resolve_local_model")},
     # The rule passes --settings, so `screen` never reads a config file (which needs snakemake).
     "screen": {("synthpert.core.config", "complete")},
     # The rule passes the validated configuration as JSON, so `plan` never reads a config file.

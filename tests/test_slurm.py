@@ -351,11 +351,13 @@ def test_documented_profile_command_works_from_the_repo_root(name, tmp_path):
     assert f"Using profile profiles/{name}" in log
     assert str(REPO / "config" / "config.yaml") in log  # the paper, from the profile
     train, predict = resources_of(log, "train"), resources_of(log, "predict")
+    student = resources_of(log, "predict_student")  # base + adapters through one vLLM engine
     assert train and all("gpu=1" in r for r in train)
-    assert any("gpu=0" in r for r in predict) and any("gpu=1" in r for r in predict)
+    assert student and all("gpu=1" in r for r in student)
+    assert predict and all("gpu=0" in r for r in predict)  # the teacher row: an API
     if name == "slurm":
-        assert all("slurm_partition=<gpu-partition>" in r and "gpu_model=a100" in r for r in train)
-        assert all("slurm_account=<account>" in r for r in train + predict)
+        assert all("slurm_partition=<gpu-partition>" in r and "gpu_model=a100" in r for r in train + student)
+        assert all("slurm_account=<account>" in r for r in train + predict + student)
 
 
 @pytest.mark.slurm

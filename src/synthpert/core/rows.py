@@ -17,6 +17,17 @@ def row_model_name(row: str, config: dict) -> str:
     return config["traces"]["model"] if row == "teacher" else config["train"]["model"]
 
 
+def engine_rows(config: dict) -> list[str]:
+    """The rows one vLLM engine answers together in each evaluation shard: the student's
+    base and fine-tuned rows, when the student is served by `vllm` (its base weights are
+    loaded once per shard rather than once per row). Empty otherwise: one job per row."""
+    student = config["train"]["model"]
+    if config["models"][student]["backend"] != "vllm":
+        return []
+    together = [r for r in config["evaluate"]["rows"] if r in LLM_ROWS and row_model_name(r, config) == student]
+    return together if len(together) > 1 else []
+
+
 def adapter_dir(split: str, row: str, results: str | Path = "results") -> Path:
     """Where `train` writes the PEFT adapter of a trained row, and where it is read from."""
     return Path(results) / "models" / split / row / "adapter"

@@ -56,7 +56,7 @@ API
       base model), in order, sharing one engine in `engine` mode (load the base once per
       evaluation shard, then `run` each backend in turn); in `merge` mode each adapter
       gets its own engine, started lazily, and `close()` of one backend frees its engine
-      before the next starts. Close them all with `close_all(backends)`.
+      before the next starts. `llm.backends.backend_family` walks such a family.
   `backend.model` the content identity used in request keys (same as `LocalBackend`).
   `backend.startup_seconds` time the engine took to start (None before it started).
 
@@ -495,7 +495,3 @@ def _logprob_at(logprobs, position: int, token: int) -> float:
         raise RuntimeError(f"vLLM returned no logprob for prompt token {token} at position {position}")
     return float(logprobs[position][token].logprob)
 
-
-def close_all(backends: Iterable[VLLMBackend]) -> None:
-    for backend in backends:
-        backend.close()

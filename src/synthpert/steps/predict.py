@@ -1,4 +1,6 @@
-"""Step 5a: a model row answers the held-out questions of one (split, cell line, shard).
+"""Step 5a: a model row answers the held-out questions of one (split, cell line, shard);
+several rows of one model (the student's base and adapters) in one job where one engine
+can serve them all (`backend: vllm`), so the model is loaded once per shard.
 
 Each question is asked as the paper's three-class question (task `de3`, Appendix C.1);
 differentially expressed tuples are also asked the direction-only question (`dir`, C.2).
@@ -19,16 +21,11 @@ import polars as pl
 
 from synthpert.core.arguments import add_settings_arguments
 from synthpert.core.io import write_parquet
-from synthpert.core.rows import TRAINED_ROWS
+from synthpert.core.rows import TRAINED_ROWS, adapter_layout
 from synthpert.core.settings import Predict
 from synthpert.errors import CommandError
-from synthpert.evaluation.answers import (
-    PREDICTION_SCHEMA,
-    answer_records,
-    build_requests,
-    question_shard,
-)
-from synthpert.llm.backends import make_backend
+from synthpert.evaluation.answers import PREDICTION_SCHEMA, answer_records, build_requests, question_shard
+from synthpert.llm.backends import backend_family
 from synthpert.llm.budget import spending_guard
 from synthpert.llm.requests import RequestLog, request_log_path, run_requests
 
@@ -37,27 +34,45 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser) -> None:
     parser.add_argument("--questions", required=True, type=Path)
-    parser.add_argument("--row", required=True, help="model row: base, sft_data, synthpert, teacher ...")
+    parser.add_argument("--row", required=True, nargs="+",
+                        help="model row(s) of one model: base, sft_data, synthpert, teacher ... (several: one engine answers them all)")
     parser.add_argument("--split", required=True)
     parser.add_argument("--cell", required=True)
     parser.add_argument("--shard", required=True, type=int)
-    parser.add_argument("--adapter", type=Path, default=None, help="LoRA adapter (trained rows)")
+    parser.add_argument("--adapter", type=Path, nargs="*", default=[],
+                        help="LoRA adapter of each trained row, in the order of --row")
     add_settings_arguments(parser, "predict")
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path, nargs="+", help="one file per --row")
+
+
+def row_adapters(row_names: list[str], adapters: list[Path]) -> list[Path | None]:
+    """The adapter of each row (None for base and API rows): trained rows take the given
+    adapters in order, and an adapter laid out by `train` must be that row's."""
+    trained = [r for r in row_names if r in TRAINED_ROWS]
+    if len(adapters) != len(trained):
+        raise CommandError(f"rows {row_names} need {len(trained)} adapter(s) (one per fine-tuned row: {trained}), "
+                           f"got {len(adapters)}: pass --adapter for each")
+    given = dict(zip(trained, adapters))
+    for row, adapter in given.items():
+        layout = adapter_layout(adapter)
+        if layout is not None and layout[1] != row:
+            raise CommandError(f"--adapter {adapter} is the adapter of row {layout[1]!r}, not of {row!r}")
+    return [given.get(row) for row in row_names]
 
 
 def main(args) -> None:
     settings = Predict.from_cli(args.settings, args.run)
-    if args.row in TRAINED_ROWS and args.adapter is None:
-        raise CommandError(f"row {args.row!r} is a fine-tuned student: pass --adapter")
+    if len(args.out) != len(args.row):
+        raise CommandError(f"--out names {len(args.out)} file(s) for {len(args.row)} row(s): one per row")
+    adapters = row_adapters(args.row, args.adapter)
     rows = question_shard(pl.read_parquet(args.questions), args.cell, args.shard, settings.shards)
-    local = settings.model.local
-    requests = build_requests(rows, settings.generation, local)
-    backend = make_backend(settings.model.spec(), adapter=str(args.adapter) if args.adapter else None)
-    log_file = request_log_path(args.out)
-    guard = spending_guard(settings.model, settings.budget, log_file)
-    responses = run_requests(backend, requests, log_file, guard, f"{args.row} {args.cell}#{args.shard}")
-    df = pl.DataFrame(answer_records(rows, requests, responses, backend.model), schema=PREDICTION_SCHEMA)
-    write_parquet(df, args.out)
-    usage = RequestLog(log_file).usage()
-    log.info("%d answers (%s); usage %s", df.height, df["status"].value_counts().to_dicts(), usage)
+    requests = build_requests(rows, settings.generation, settings.model.local)
+    backends = backend_family(settings.model.spec(), [None if a is None else str(a) for a in adapters])
+    for row, out, backend in zip(args.row, args.out, backends):
+        log_file = request_log_path(out)
+        guard = spending_guard(settings.model, settings.budget, log_file)  # an API row's budget
+        responses = run_requests(backend, requests, log_file, guard, f"{row} {args.cell}#{args.shard}")
+        df = pl.DataFrame(answer_records(rows, requests, responses, backend.model), schema=PREDICTION_SCHEMA)
+        write_parquet(df, out)
+        usage = RequestLog(log_file).usage()
+        log.info("%s: %d answers (%s); usage %s", row, df.height, df["status"].value_counts().to_dicts(), usage)
