@@ -25,6 +25,7 @@ include: "rules/traces.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/screen.smk"
+include: "rules/plan.smk"
 
 
 report: "report/workflow.rst"

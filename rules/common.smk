@@ -1,5 +1,8 @@
+import hashlib
+import json
 import re
 import shlex
+from pathlib import Path
 
 from synthpert.core import config as cfg
 from synthpert.core import rows, splits
@@ -200,3 +203,18 @@ def cell_files(cell):
 def cell_dirs():
     """`prepare --cell-dir` arguments: the folder of every derived cell line's CSVs."""
     return " ".join(f"{c}=results/derived/{c}" for c in config["data"]["derive"])
+
+
+def plan_model_files():
+    """The files of every model the plan counts tokens with."""
+    names = {config[step]["model"] for step in ("traces", "critic", "train")}
+    return [f for name in sorted(names) for f in model_files(name)]
+
+
+def request_logs_digest(wildcards):
+    """Names and sizes of the request logs under results/: as a params of the plan, it redoes
+    the plan once an answer was added (the logs are no rule's output)."""
+    state = sorted(
+        f"{p}:{p.stat().st_size}" for p in Path("results").glob("**/*.requests.jsonl")
+    )
+    return hashlib.sha256("\n".join(state).encode()).hexdigest()[:16]

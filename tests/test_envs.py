@@ -44,6 +44,8 @@ NOT_REACHED = {
     "critic_select": {("synthpert.llm.backends", f) for f in ("make_backend", "_vllm_backend_class", "resolve_local_model")},
     # The rule passes --settings, so `screen` never reads a config file (which needs snakemake).
     "screen": {("synthpert.core.config", "complete")},
+    # The rule passes the validated configuration as JSON, so `plan` never reads a config file.
+    "plan": {("synthpert.core.config", "load"), ("synthpert.core.config", "complete")},
 }
 STEP = re.compile(r"python -m synthpert ([\w-]+)")
 

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("synthpert.tools.validate", "check a configuration file before running anything"),
     "ask": ("synthpert.tools.ask", "ask a model one knockdown question"),
     "screen": ("synthpert.tools.screen", "in-silico screen: one perturbation against many genes"),
+    "plan": ("synthpert.steps.plan", "what a run will still send and cost: requests, tokens, USD, GPU-hours"),
 }
 
 

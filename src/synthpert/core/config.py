@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from synthpert.core.prompts import GRADES
-from synthpert.core.rows import ROWS, TRAINED_ROWS
+from synthpert.core.rows import LLM_ROWS, ROWS, TRAINED_ROWS, row_model_name
 from synthpert.core.settings import LOCAL_BACKENDS
 from synthpert.errors import ConfigError
 
@@ -76,9 +76,35 @@ def check(config: dict) -> None:
     untrained = [r for r in config["evaluate"]["rows"] if r in TRAINED_ROWS and r not in config["train"]["variants"]]
     if untrained:
         raise ConfigError(f"evaluate.rows: {untrained} are not trained; add them to train.variants")
+    check_budgets(config)
 
 
 def fetched_cells(config: dict) -> list[str]:
     """The cell lines whose CSV pairs are fetched from `data.source` (the others are
     derived from their own screen, `data.derive`)."""
     return [c for c in config["data"]["cells"] if c not in config["data"]["derive"]]
+
+
+def paying_models(config: dict, step: str) -> list[str]:
+    """The `models:` names an API step pays for: traces and critic their model, evaluate
+    its API rows (a local model costs GPU time, not money)."""
+    if step == "evaluate":
+        names = [row_model_name(r, config) for r in config["evaluate"]["rows"] if r in LLM_ROWS]
+    else:
+        names = [config[step]["model"]]
+    return sorted({n for n in names if config["models"][n]["backend"] == "openai"})
+
+
+def check_budgets(config: dict) -> None:
+    """A budget can only be kept for models with a price."""
+    overall = config.get("budget", {}).get("usd") is not None
+    for step in ("traces", "critic", "evaluate"):
+        if config[step].get("budget_usd") is None and not overall:
+            continue
+        unpriced = [n for n in paying_models(config, step) if config["models"][n].get("price") is None]
+        if unpriced:
+            which = f"{step}.budget_usd" if config[step].get("budget_usd") is not None else "budget.usd"
+            raise ConfigError(
+                f"{which} is set, but model(s) {unpriced} used by {step} have no price; add "
+                f"models.<name>.price {{input, output, date, source}} (USD per million tokens)"
+            )

@@ -159,6 +159,8 @@ class Model(Settings):
     batch_size: int = run_field(default=8)
     structured_outputs: bool = run_field(default=True)  # a result of the critic step only
     engine: dict = run_field(default_factory=dict)  # the vllm backend's engine settings
+    price: dict | None = run_field(default=None)  # USD per million tokens (core.pricing)
+    tokens_per_second: float | None = run_field(default=None)  # for the plan's GPU-hours
 
     @property
     def local(self) -> bool:
@@ -192,6 +194,27 @@ def _model(config: dict, name: str) -> Model:
     return Model.of(config["models"][name])
 
 
+DEFAULT_LEDGER = "results/budget/ledger.jsonl"
+
+
+@dataclass(frozen=True)
+class Budget(Settings):
+    """What a paying step may spend (USD): its own cap (`<section>.budget_usd`) and the
+    run's (`budget.usd`), both counted over every shard and job in the shared `ledger`
+    (llm.budget). How much may be spent never changes what an answer is: run fields only."""
+
+    step: str = run_field(default="")
+    usd: float | None = run_field(default=None)
+    total_usd: float | None = run_field(default=None)
+    ledger: str = run_field(default=DEFAULT_LEDGER)
+
+    @classmethod
+    def of(cls, config: dict, step: str) -> Budget:
+        """The budget of `step`: traces, critic or evaluate (the config section holding its cap)."""
+        budget = config.get("budget", {})
+        return cls(step, config[step].get("budget_usd"), budget.get("usd"), budget.get("ledger", DEFAULT_LEDGER))
+
+
 # --------------------------------------------------------------------------- steps
 
 
@@ -214,6 +237,7 @@ class Traces(Settings):
     shards: int
     max_requests: int | None = run_field(default=None)
     max_tokens: int | None = run_field(default=None)
+    budget: Budget = field(default_factory=Budget)
 
     @classmethod
     def from_config(cls, config: dict, **_) -> Traces:
@@ -225,6 +249,7 @@ class Traces(Settings):
             traces["shards"],
             traces["max_requests"],
             traces["max_tokens"],
+            Budget.of(config, "traces"),
         )
 
 
@@ -233,13 +258,16 @@ class CriticGrade(Settings):
     model: Model
     generation: Generation
     structured_outputs: bool
+    budget: Budget = field(default_factory=Budget)
 
     @classmethod
     def from_config(cls, config: dict, **_) -> CriticGrade:
         critic = config["critic"]
         spec = config["models"][critic["model"]]
         structured = spec["backend"] == "openai" and spec["structured_outputs"]
-        return cls(_model(config, critic["model"]), Generation.of(critic["generation"]), structured)
+        return cls(
+            _model(config, critic["model"]), Generation.of(critic["generation"]), structured, Budget.of(config, "critic")
+        )
 
 
 @dataclass(frozen=True)
@@ -298,11 +326,17 @@ class Predict(Settings):
     model: Model
     generation: Generation
     shards: int
+    budget: Budget = field(default_factory=Budget)
 
     @classmethod
     def from_config(cls, config: dict, row: str, **_) -> Predict:
         evaluate = config["evaluate"]
-        return cls(_model(config, rows.row_model_name(row, config)), Generation.of(evaluate["generation"]), evaluate["shards"])
+        return cls(
+            _model(config, rows.row_model_name(row, config)),
+            Generation.of(evaluate["generation"]),
+            evaluate["shards"],
+            Budget.of(config, "evaluate"),
+        )
 
 
 @dataclass(frozen=True)

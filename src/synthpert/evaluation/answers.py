@@ -87,3 +87,13 @@ def answer_records(rows: pl.DataFrame, requests: list[Request], responses: dict,
             | score_row(task, resp.text, resp.finish_reason, resp.option_logprobs)
         )
     return records
+
+
+def question_shard(questions: pl.DataFrame, cell: str, shard: int, shards: int) -> pl.DataFrame:
+    """The questions of one cell line and shard (round-robin over the sorted questions)."""
+    rows = questions.filter(pl.col("cell") == cell).sort("qid")
+    if rows.height == 0:
+        raise CommandError(f"no questions for cell line {cell!r}; cells present: {questions['cell'].unique().sort().to_list()}")
+    if not 0 <= shard < shards:
+        raise CommandError(f"shard {shard} out of range: evaluate.shards is {shards}")
+    return rows.with_row_index("_i").filter(pl.col("_i") % shards == shard).drop("_i")

@@ -113,7 +113,7 @@ class LocalBackend:
                 for start in range(0, len(group), self.batch_size):
                     batch = group[start : start + self.batch_size]
                     if guard is not None:
-                        batch = list(itertools.takewhile(lambda _: guard.allow(), batch))
+                        batch = list(itertools.takewhile(lambda item: guard.allow(item[0], item[1]), batch))
                     for response in self._answer(batch):
                         log.append(response, self.model)
                         if guard is not None:

@@ -36,7 +36,15 @@ from synthpert.core.io import atomic_path
 from synthpert.errors import CommandError
 from synthpert.llm.backends import api_key
 from synthpert.llm.identity import api_identity
-from synthpert.llm.requests import Request, RequestLog, Response, SpendingGuard, plan
+from synthpert.llm.requests import (
+    OK,
+    WAIT,
+    Request,
+    RequestLog,
+    Response,
+    SpendingGuard,
+    plan,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +80,12 @@ def response_from_completion(key: str, tag: str, completion: dict) -> Response:
     """A log record from a chat-completion body (live answer or Batch API output line)."""
     choices = completion.get("choices") or []
     usage = completion.get("usage") or {}
-    tokens = {"prompt_tokens": usage.get("prompt_tokens") or 0, "completion_tokens": usage.get("completion_tokens") or 0}
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    tokens = {
+        "prompt_tokens": usage.get("prompt_tokens") or 0,
+        "completion_tokens": usage.get("completion_tokens") or 0,
+        "cached_tokens": cached,
+    }
     if not choices:
         return Response(key, tag, "", "error", error="the reply has no choices", **tokens)
     choice = choices[0]
@@ -208,19 +221,30 @@ class OpenAIBackend:
             return Response(key, request.tag, "", "error", error=reason)
         return response_from_completion(key, request.tag, completion.model_dump())
 
+    @staticmethod
+    async def _claim(guard: SpendingGuard, key: str, request: Request) -> bool:
+        """Ask the guard (off the event loop: a budget locks a shared file); while it says
+        WAIT, requests in flight may free room, so ask again a little later."""
+        while (verdict := await asyncio.to_thread(guard.claim, key, request)) == WAIT:
+            await asyncio.sleep(guard.poll_s)
+        return verdict == OK
+
+    def _record(self, log: RequestLog, response: Response, guard: SpendingGuard | None) -> None:
+        log.append(response, self.model)
+        if guard is not None:
+            guard.charge(response)
+
     async def _run_live(self, pending, log, guard, bar) -> dict[str, Response]:
         results: dict[str, Response] = {}
         queue = iter(pending.items())  # shared by the workers: each item is taken once
 
         async def worker(client: openai.AsyncOpenAI) -> None:
             for key, request in queue:
-                if guard is not None and not guard.allow():
+                if guard is not None and not await self._claim(guard, key, request):
                     return
                 response = await self._complete(client, key, request)
-                # fsync off the event loop, so the other requests keep flowing meanwhile
-                await asyncio.to_thread(log.append, response, self.model)
-                if guard is not None:
-                    guard.charge(response)
+                # fsync (and the budget's ledger) off the event loop, so the other requests keep flowing
+                await asyncio.to_thread(self._record, log, response, guard)
                 results[key] = response
                 bar.update()
 
@@ -287,9 +311,7 @@ class OpenAIBackend:
                     continue
                 results[key] = response
                 if log.get(key) is None:
-                    log.append(response, self.model)
-                    if guard is not None:
-                        guard.charge(response)
+                    self._record(log, response, guard)
                 bar.update()
         missing = len(set(entry["tags"]) - set(results))
         if batch.status != "completed" or missing:
@@ -321,7 +343,8 @@ class OpenAIBackend:
         for key, request in pending.items():
             if key in submitted:
                 continue
-            if guard is not None and not guard.allow():
+            # A batch takes hours: no waiting for room here, a rerun submits the rest.
+            if guard is not None and guard.claim(key, request, wait=False) != OK:
                 break
             todo.append((key, request))
         results: dict[str, Response] = {}

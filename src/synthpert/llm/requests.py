@@ -84,8 +84,9 @@ class Request:
 
     def key(self, model: str) -> str:
         """SHA-256 of the model id and every field except `tag` (the content address)."""
-        fields = dataclasses.asdict(self)
-        del fields["tag"]
+        # The fields as `dataclasses.asdict` gives them (same JSON), without its deep copy:
+        # a plan of the paper's evaluation computes a million keys.
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "tag"}
         payload = json.dumps({"model": model, **fields}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
@@ -100,6 +101,7 @@ class Response:
     completion_tokens: int = 0
     option_logprobs: dict[str, float] | None = None
     error: str | None = None
+    cached_tokens: int = 0  # of prompt_tokens, billed at the cached-input price
 
     @classmethod
     def from_dict(cls, data: dict) -> Response:
@@ -188,29 +190,45 @@ class RequestLog:
         return dict(self._usage)
 
 
+OK, WAIT, STOP = "ok", "wait", "stop"  # what a guard says to a request about to be sent
+
+
 class SpendingGuard:
     """Caps what one run may spend. `allow()` claims one request (call it right before
     sending); `charge()` adds the tokens of a finished one. Requests already in flight
-    when the token cap is reached still finish, so `max_tokens` can be overshot by them."""
+    when the token cap is reached still finish, so `max_tokens` can be overshot by them.
+    `llm.budget.BudgetGuard` adds a cap in dollars shared by every job of a step."""
+
+    poll_s = 0.5  # how long a request told to WAIT waits before asking again
 
     def __init__(self, max_requests: int | None = None, max_tokens: int | None = None) -> None:
         self.max_requests = max_requests
         self.max_tokens = max_tokens
         self.requests = 0
         self.tokens = 0
-        self.exhausted = False  # True once allow() has refused a request
+        self.exhausted = False  # True once a request has been refused
+        self.stop_reason = ""  # why, for the error that stops the step
         self._lock = threading.Lock()
 
-    def allow(self) -> bool:
+    def claim(self, key: str = "", request: Request | None = None, wait: bool = True) -> str:
+        """OK (send it, counted), STOP (send nothing more) or, if `wait`, WAIT (ask again in
+        `poll_s`: requests in flight may free room). Never blocks on other jobs."""
         with self._lock:
             over = (self.max_requests is not None and self.requests >= self.max_requests) or (
                 self.max_tokens is not None and self.tokens >= self.max_tokens
             )
             if over:
                 self.exhausted = True
-                return False
+                self.stop_reason = f"the per-shard cap (max_requests {self.max_requests}, max_tokens {self.max_tokens}) is reached"
+                return STOP
             self.requests += 1
-            return True
+            return OK
+
+    def allow(self, key: str = "", request: Request | None = None) -> bool:
+        """`claim`, waiting while it says WAIT (for callers that send one batch at a time)."""
+        while (verdict := self.claim(key, request)) == WAIT:
+            time.sleep(self.poll_s)
+        return verdict == OK
 
     def charge(self, response: Response) -> None:
         with self._lock:
@@ -256,9 +274,11 @@ def run_requests(backend, requests: list[Request], log_file: Path, guard: Spendi
     keys = {r.key(backend.model) for r in requests}
     missing = len(keys - responses.keys())
     if missing:
-        why = "the spending guard stopped the run" if guard is not None and guard.exhausted else "no answer came back"
+        stopped = guard is not None and guard.exhausted
+        why = f"the spending guard stopped the run ({guard.stop_reason})" if stopped else "no answer came back"
         raise CommandError(
-            f"{desc}: {why} with {len(keys) - missing} of {len(keys)} requests answered, {missing} missing; "
-            f"answers are kept in {log_file}, so rerunning (with a higher limit) resumes where it stopped"
+            f"{desc}: {why} with {len(keys) - missing} of {len(keys)} requests answered, {missing} missing "
+            f"(never sent, so unpaid); nothing is written but the answers, kept in {log_file}: rerunning "
+            f"(with a higher limit) resumes where it stopped and pays for no answer twice"
         )
     return responses

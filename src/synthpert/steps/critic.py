@@ -27,11 +27,9 @@ from synthpert.core.arguments import add_settings_arguments
 from synthpert.core.io import write_csv, write_parquet
 from synthpert.core.labels import CLASS_NAMES
 from synthpert.core.prompts import (
-    CRITIC_RESPONSE_FORMAT,
     GRADES,
     answer_only_target,
     assistant_target,
-    critic_messages,
     parse_grade,
     question_messages,
 )
@@ -39,7 +37,9 @@ from synthpert.core.sampling import balanced
 from synthpert.core.settings import CriticGrade, CriticSelect
 from synthpert.errors import CommandError
 from synthpert.llm.backends import make_backend
-from synthpert.llm.requests import Request, Response, request_log_path, run_requests
+from synthpert.llm.budget import spending_guard
+from synthpert.llm.requests import Response, request_log_path, run_requests
+from synthpert.llm.step_requests import critic_mode, critic_requests
 
 log = logging.getLogger(__name__)
 
@@ -71,25 +71,6 @@ def structured_unsupported(response: Response) -> bool:
     return response.finish_reason == "error" and bool(_NO_SCHEMA.search(response.error or ""))
 
 
-def critic_requests(rows: pl.DataFrame, settings: CriticGrade, mode: str) -> list[Request]:
-    """One critic request per trace. mode: `json` (structured outputs), `tags` (the
-    paper's `<evaluation>` format) or `options` (local: score the five grades only)."""
-    params = settings.generation.request_fields()
-    if mode == "options":
-        params.update(max_new_tokens=0, options=GRADES, option_tag="evaluation")
-    elif mode == "json":
-        params["response_format"] = CRITIC_RESPONSE_FORMAT
-    output = "json" if mode == "json" else "tags"
-    return [
-        Request(
-            messages=critic_messages(row["cell"], row["pert"], row["gene"], row["reasoning"], output),
-            tag=row["tid"],
-            **params,
-        )
-        for row in rows.iter_rows(named=True)
-    ]
-
-
 def grade_record(response: Response | None) -> dict:
     """Grade columns of one trace (all null for a trace without reasoning)."""
     if response is None:
@@ -116,15 +97,13 @@ def grade_traces(traces: pl.DataFrame, settings: CriticGrade, out: Path, backend
     if missing:
         raise CommandError(f"the traces table lacks column(s) {missing}; found {traces.columns}")
     todo = traces.filter(pl.col("reasoning").is_not_null())
-    if settings.model.local:
-        mode = "options"
-    else:
-        mode = "json" if settings.structured_outputs else "tags"
+    mode = critic_mode(settings)
     log_file = request_log_path(out)
+    guard = spending_guard(settings.model, settings.budget, log_file)
     requests = critic_requests(todo, settings, mode)
     by_tid = {}
     if requests:
-        responses = run_requests(backend, requests, log_file, None, f"critic ({mode})")
+        responses = run_requests(backend, requests, log_file, guard, f"critic ({mode})")
         by_tid = {req.tag: responses[req.key(backend.model)] for req in requests}
     if mode == "json":
         rejected = [tid for tid, resp in by_tid.items() if structured_unsupported(resp)]
@@ -136,7 +115,7 @@ def grade_traces(traces: pl.DataFrame, settings: CriticGrade, out: Path, backend
                 by_tid[rejected[0]].error,
             )
             retry = critic_requests(todo.filter(pl.col("tid").is_in(rejected)), settings, "tags")
-            answers = run_requests(backend, retry, log_file, None, "critic (tags)")
+            answers = run_requests(backend, retry, log_file, guard, "critic (tags)")
             by_tid.update({req.tag: answers[req.key(backend.model)] for req in retry})
     grades = pl.DataFrame(
         [{"tid": tid, **grade_record(by_tid.get(tid))} for tid in traces["tid"]],

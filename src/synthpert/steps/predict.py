@@ -24,21 +24,12 @@ from synthpert.core.io import write_parquet
 from synthpert.core.rows import TRAINED_ROWS, adapter_layout
 from synthpert.core.settings import Predict
 from synthpert.errors import CommandError
-from synthpert.evaluation.answers import PREDICTION_SCHEMA, answer_records, build_requests
+from synthpert.evaluation.answers import PREDICTION_SCHEMA, answer_records, build_requests, question_shard
 from synthpert.llm.backends import backend_family
-from synthpert.llm.requests import RequestLog
+from synthpert.llm.budget import spending_guard
+from synthpert.llm.requests import RequestLog, request_log_path, run_requests
 
 log = logging.getLogger(__name__)
-
-
-def question_shard(questions: pl.DataFrame, cell: str, shard: int, shards: int) -> pl.DataFrame:
-    """The questions of one cell line and shard (round-robin over the sorted questions)."""
-    rows = questions.filter(pl.col("cell") == cell).sort("qid")
-    if rows.height == 0:
-        raise CommandError(f"no questions for cell line {cell!r}; cells present: {questions['cell'].unique().sort().to_list()}")
-    if not 0 <= shard < shards:
-        raise CommandError(f"shard {shard} out of range: evaluate.shards is {shards}")
-    return rows.with_row_index("_i").filter(pl.col("_i") % shards == shard).drop("_i")
 
 
 def add_arguments(parser) -> None:
@@ -78,8 +69,10 @@ def main(args) -> None:
     requests = build_requests(rows, settings.generation, settings.model.local)
     backends = backend_family(settings.model.spec(), [None if a is None else str(a) for a in adapters])
     for row, out, backend in zip(args.row, args.out, backends):
-        request_log = RequestLog(out.with_suffix(".requests.jsonl"))
-        responses = backend.run(requests, request_log, desc=f"{row} {args.cell}#{args.shard}")
+        log_file = request_log_path(out)
+        guard = spending_guard(settings.model, settings.budget, log_file)  # an API row's budget
+        responses = run_requests(backend, requests, log_file, guard, f"{row} {args.cell}#{args.shard}")
         df = pl.DataFrame(answer_records(rows, requests, responses, backend.model), schema=PREDICTION_SCHEMA)
         write_parquet(df, out)
-        log.info("%s: %d answers (%s); usage %s", row, df.height, df["status"].value_counts().to_dicts(), request_log.usage())
+        usage = RequestLog(log_file).usage()
+        log.info("%s: %d answers (%s); usage %s", row, df.height, df["status"].value_counts().to_dicts(), usage)

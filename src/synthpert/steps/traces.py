@@ -20,13 +20,15 @@ import polars as pl
 
 from synthpert.core.arguments import add_settings_arguments
 from synthpert.core.io import atomic_path, write_parquet
-from synthpert.core.labels import CLASS_KEYS, check_cells, class_probabilities
-from synthpert.core.prompts import APPROACHES, answer_options, generator_messages, parse_answer, parse_reasoning
+from synthpert.core.labels import CLASS_KEYS, class_probabilities
+from synthpert.core.prompts import parse_answer, parse_reasoning
 from synthpert.core.sampling import balanced, sample_size
 from synthpert.core.settings import Sample, Traces, TraceSample
 from synthpert.errors import CommandError
 from synthpert.llm.backends import make_backend
-from synthpert.llm.requests import Request, RequestLog, SpendingGuard, request_log_path, run_requests
+from synthpert.llm.budget import spending_guard
+from synthpert.llm.requests import RequestLog, request_log_path, run_requests
+from synthpert.llm.step_requests import generator_requests, trace_shard
 
 log = logging.getLogger(__name__)
 
@@ -100,40 +102,6 @@ def draw_sample(split_df: pl.DataFrame, sample: Sample, shards: int) -> pl.DataF
 # --- run -----------------------------------------------------------------------------
 
 
-def trace_shard(sample: pl.DataFrame, cell: str, shard: int, shards: int) -> pl.DataFrame:
-    """The tuples of one (cell line, shard). A known cell line without sampled tuples has
-    empty shards (a small pooled sample may miss one), so a fixed grid of jobs completes."""
-    cells = sorted(sample["cell"].unique().to_list())
-    if cell not in cells:
-        check_cells([cell])
-        log.warning("cell line %s has no tuple in the trace sample (it has %s): empty shard", cell, cells)
-    if not 0 <= shard < shards:
-        raise CommandError(f"shard {shard} is outside 0..{shards - 1} (traces.shards = {shards})")
-    if sample["shard"].max() >= shards:
-        raise CommandError(
-            f"the sample was dealt into more shards than traces.shards = {shards}; rerun `synthpert traces sample`"
-        )
-    return sample.filter((pl.col("cell") == cell) & (pl.col("shard") == shard))
-
-
-def generator_requests(rows: pl.DataFrame, settings: Traces) -> list[Request]:
-    """One teacher request per tuple. A local model starts inside `<think>` and its answer
-    is the likeliest of the three labels, so it always yields one."""
-    if settings.approach not in APPROACHES:
-        raise CommandError(f"traces.approach must be one of {APPROACHES}, got {settings.approach!r}")
-    local = settings.model.local
-    extra = {"prefill": "<think>\n", "options": answer_options(), "option_tag": "answer"} if local else {}
-    return [
-        Request(
-            messages=generator_messages(row["cell"], row["pert"], row["gene"], row["label"], settings.approach),
-            tag=row["tid"],
-            **settings.generation.request_fields(),
-            **extra,
-        )
-        for row in rows.iter_rows(named=True)
-    ]
-
-
 def scored_reasoning(text: str) -> str | None:
     """Reasoning of an option-scored answer: what the scores were conditioned on, i.e.
     the text before `<answer>`, with a `<think>` the model left open closed (a model
@@ -183,8 +151,8 @@ def run_shard(sample: pl.DataFrame, cell: str, shard: int, settings: Traces, out
     traces and the usage beside them."""
     rows = trace_shard(sample, cell, shard, settings.shards)
     requests = generator_requests(rows, settings)
-    guard = SpendingGuard(settings.max_requests, settings.max_tokens)
     log_file = request_log_path(out)
+    guard = spending_guard(settings.model, settings.budget, log_file, settings.max_requests, settings.max_tokens)
     records = []
     if requests:  # an empty shard needs no model
         responses = run_requests(backend, requests, log_file, guard, f"traces {cell} shard {shard}")

@@ -1,0 +1,213 @@
+"""A budget in dollars that every shard and every job of a step share, and the run's.
+
+The ledger is one append-only JSONL file (config `budget.ledger`) on the filesystem the
+jobs share. Before sending a request, a job *reserves* what the request can cost at
+most (its prompt counted as one token per UTF-8 byte, an upper bound for OpenAI's byte
+BPEs, plus `max_new_tokens` at the output price); when the answer comes back it *settles*
+the reservation at what the API reported (prompt, cached and completion tokens). A
+reservation that does not fit under a cap while other requests are in flight says WAIT:
+they may settle for less and make room. Once nothing is in flight and the next request
+still does not fit, the job stops. So the settled total never exceeds a cap, and a step
+stops less than one request's worst-case cost below it, however many shards run at once.
+
+Every read and write happens under an exclusive POSIX record lock (`fcntl.lockf`) on the
+ledger, the kind NFS supports across hosts (docs/cluster.md says where it does not). A
+reservation's id is its request log and request key: a job that is killed leaves its
+reservations open (its requests may have been billed), they keep counting, and the
+rerun that sends the same requests replaces them. A reservation counts as in flight while
+its process lives (same host) or for `lease_s` (another host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+from synthpert.core.pricing import Price
+from synthpert.core.settings import Budget, Model
+from synthpert.errors import CommandError
+from synthpert.llm.requests import OK, STOP, WAIT, Request, Response, SpendingGuard
+
+logger = logging.getLogger(__name__)
+
+HOST = socket.gethostname()
+FRAMING_TOKENS = 4  # per message, and once for the reply: an upper bound of OpenAI's chat format
+
+
+def worst_prompt_tokens(request: Request) -> int:
+    """More prompt tokens than the request can have: a byte-level BPE token holds at least
+    one byte."""
+    return sum(len(text.encode("utf-8")) + FRAMING_TOKENS for _, text in request.messages) + FRAMING_TOKENS
+
+
+def _alive(record: dict, lease_s: float) -> bool:
+    if record.get("host") == HOST:
+        try:
+            os.kill(int(record["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return time.time() - float(record.get("time", 0)) < lease_s
+
+
+class Ledger:
+    """The shared ledger file; see the module docstring. State is read incrementally
+    (from the last offset read) under the lock, so each access costs the new lines only."""
+
+    def __init__(self, path: str | os.PathLike, lease_s: float = 3600.0) -> None:
+        self.path = Path(path)
+        self.lease_s = lease_s
+        self._offset = 0
+        self.spent: dict[str, float] = defaultdict(float)  # settled USD by step
+        self.open: dict[str, dict] = {}  # reservation id -> its record
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+b") as fh:
+            fcntl.lockf(fh, fcntl.LOCK_EX)
+            try:
+                self._read_new(fh)
+                yield fh
+            finally:
+                fh.flush()
+                os.fsync(fh.fileno())
+                fcntl.lockf(fh, fcntl.LOCK_UN)
+
+    def _read_new(self, fh) -> None:
+        fh.seek(self._offset)
+        data = fh.read()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            # Under the lock nobody is writing: a line without its newline is a write torn by a
+            # killed job. End it, so the next line starts clean; it is skipped below.
+            logger.warning("%s: ending a torn last line left by a killed job", self.path)
+            fh.write(b"\n")
+            data += b"\n"
+            end = len(data)
+        for line in data[:end].splitlines():
+            try:
+                self._apply(json.loads(line))
+            except (ValueError, KeyError, TypeError):
+                logger.warning("%s: skipping an unreadable line %r", self.path, line[:80])
+        self._offset += end
+
+    def _apply(self, record: dict) -> None:
+        if record["op"] == "reserve":
+            self.open[record["id"]] = record
+        elif record["op"] == "settle":
+            self.open.pop(record["id"], None)
+            self.spent[record["step"]] += float(record["usd"])
+
+    def _append(self, fh, record: dict) -> None:
+        line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
+        fh.write(line)
+        self._offset += len(line)
+        self._apply(record)
+
+    def _committed(self, step: str | None = None, skip: str = "") -> tuple[float, float, bool]:
+        """(settled USD, open reservations' USD, whether any open one is in flight) of one
+        step, or of all steps for None; `skip` leaves out one reservation id."""
+        spent = sum(v for s, v in self.spent.items() if step is None or s == step)
+        records = [r for i, r in self.open.items() if i != skip and (step is None or r["step"] == step)]
+        return spent, sum(float(r["usd"]) for r in records), any(_alive(r, self.lease_s) for r in records)
+
+    def totals(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(settled USD by step, USD of open reservations by step), read afresh."""
+        with self._locked():
+            reserved: dict[str, float] = defaultdict(float)
+            for record in self.open.values():
+                reserved[record["step"]] += float(record["usd"])
+            return dict(self.spent), dict(reserved)
+
+    def reserve(self, rid: str, usd: float, step: str, caps: dict[str | None, float | None], **extra) -> tuple[str, str]:
+        """Reserve `usd` for `step` if it fits under every cap (`caps`: step name or None for
+        all steps -> USD); returns (OK, "") or (WAIT / STOP, why)."""
+        with self._locked() as fh:
+            for scope, cap in caps.items():
+                if cap is None:
+                    continue
+                spent, reserved, in_flight = self._committed(scope, skip=rid)
+                if spent + reserved + usd > cap + 1e-12:
+                    name = f"{scope} budget ({scope}.budget_usd)" if scope else "run's budget (budget.usd)"
+                    why = (
+                        f"the {name} of ${cap:.4f} is spent down to ${cap - spent - reserved:.4f} "
+                        f"(${spent:.4f} paid, ${reserved:.4f} reserved by requests in flight or by killed jobs), "
+                        f"and the next request may cost up to ${usd:.4f}"
+                    )
+                    return (WAIT if in_flight else STOP), why
+            self._append(fh, {"op": "reserve", "id": rid, "step": step, "usd": usd, "host": HOST,
+                              "pid": os.getpid(), "time": time.time(), **extra})  # fmt: skip
+        return OK, ""
+
+    def settle(self, rid: str, usd: float, step: str, **extra) -> None:
+        """Close reservation `rid` with what the request cost."""
+        with self._locked() as fh:
+            self._append(fh, {"op": "settle", "id": rid, "step": step, "usd": usd, "time": time.time(), **extra})
+
+
+class BudgetGuard(SpendingGuard):
+    """A `SpendingGuard` that also reserves each request's worst-case cost in the step's
+    ledger before it is sent, and settles it at its real cost."""
+
+    def __init__(self, ledger: Ledger, step: str, caps: dict, price: Price, batch: bool, scope: str,
+                 max_requests: int | None = None, max_tokens: int | None = None) -> None:  # fmt: skip
+        super().__init__(max_requests, max_tokens)
+        self.ledger, self.step, self.caps, self.price, self.batch, self.scope = ledger, step, caps, price, batch, scope
+
+    def _id(self, key: str) -> str:
+        return f"{self.scope}#{key}"
+
+    def worst_usd(self, request: Request) -> float:
+        return self.price.usd(worst_prompt_tokens(request), request.max_new_tokens, batch=self.batch)
+
+    def claim(self, key: str = "", request: Request | None = None, wait: bool = True) -> str:
+        if request is None:
+            raise ValueError("a budget needs the request to price it")
+        with self._lock:
+            if self.exhausted:
+                return STOP
+        verdict, why = self.ledger.reserve(self._id(key), self.worst_usd(request), self.step, self.caps)
+        if verdict == WAIT and wait:
+            return WAIT
+        if verdict != OK:
+            with self._lock:
+                self.exhausted, self.stop_reason = True, why
+            return STOP
+        verdict = super().claim(key, request)
+        if verdict != OK:  # the per-shard cap refused it: the reservation is not needed
+            self.ledger.settle(self._id(key), 0.0, self.step, unsent=True)
+        return verdict
+
+    def charge(self, response: Response) -> None:
+        super().charge(response)
+        usd = self.price.usd(response.prompt_tokens, response.completion_tokens, response.cached_tokens, self.batch)
+        self.ledger.settle(
+            self._id(response.key), usd, self.step,
+            prompt_tokens=response.prompt_tokens, completion_tokens=response.completion_tokens,
+        )  # fmt: skip
+
+
+def spending_guard(model: Model, budget: Budget, log_file: Path, max_requests: int | None = None,
+                   max_tokens: int | None = None) -> SpendingGuard:  # fmt: skip
+    """The guard of one job: a `BudgetGuard` when a dollar budget applies to its model (an
+    API model with a price; the configuration check refuses a budget without one)."""
+    caps = {budget.step: budget.usd, None: budget.total_usd}
+    if model.backend != "openai" or all(cap is None for cap in caps.values()):
+        return SpendingGuard(max_requests, max_tokens)
+    price = Price.of(model.price)
+    if price is None:
+        raise CommandError(f"a budget is set for {budget.step}, but model {model.model!r} has no price")
+    lease = model.timeout_s * (model.max_retries + 1)
+    return BudgetGuard(Ledger(budget.ledger, lease_s=lease), budget.step, caps, price, model.batch_api,
+                       str(log_file), max_requests, max_tokens)  # fmt: skip
