@@ -19,7 +19,7 @@ import polars as pl
 
 from synthpert.core.arguments import add_settings_arguments
 from synthpert.core.io import write_parquet
-from synthpert.core.rows import TRAINED_ROWS
+from synthpert.core.rows import ADAPTER_ROWS
 from synthpert.core.settings import Predict
 from synthpert.errors import CommandError
 from synthpert.evaluation.answers import PREDICTION_SCHEMA, answer_records, build_requests
@@ -52,7 +52,7 @@ def add_arguments(parser) -> None:
 
 def main(args) -> None:
     settings = Predict.from_cli(args.settings, args.run)
-    if args.row in TRAINED_ROWS and args.adapter is None:
+    if args.row in ADAPTER_ROWS and args.adapter is None:
         raise CommandError(f"row {args.row!r} is a fine-tuned student: pass --adapter")
     rows = question_shard(pl.read_parquet(args.questions), args.cell, args.shard, settings.shards)
     local = settings.model.local
