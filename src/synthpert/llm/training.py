@@ -36,6 +36,27 @@ def precision(dtype_setting: str = "auto", load_in_4bit: bool = False) -> tuple[
     return getattr(torch, dtype_setting), dtype_setting
 
 
+def trainer_arguments(model, seed: int, logging_steps: int, save_steps: int) -> dict[str, Any]:
+    """The `TrainingArguments` both trainers share: precision of the loaded student, logging
+    from the first step, checkpoints every `save_steps` (the last two kept), seeds."""
+    cuda = torch.cuda.is_available()
+    return dict(
+        bf16=model.dtype == torch.bfloat16,
+        fp16=model.dtype == torch.float16,
+        gradient_checkpointing=cuda,  # memory is what limits a GPU; a CPU run is limited by time
+        logging_steps=logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=SAVE_TOTAL_LIMIT,
+        seed=seed,
+        data_seed=seed,
+        report_to="none",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+    )
+
+
 def fingerprint(data: Path, identity: dict[str, Any]) -> str:
     """Identity of a run (data bytes + what shapes the training): a checkpoint resumes only its own run."""
     h = hashlib.sha256()

@@ -45,7 +45,7 @@ from synthpert.evaluation.answers import qid_expr, question_request
 from synthpert.evaluation.rewards import TASK, CompletionRewards
 from synthpert.llm.backends import resolve_local_model
 from synthpert.llm.prompting import check_adapter, encode, load_tokenizer, render
-from synthpert.llm.training import SAVE_TOTAL_LIMIT, fingerprint, move_into_place, peak_memory, precision, resume_point
+from synthpert.llm.training import fingerprint, move_into_place, peak_memory, precision, resume_point, trainer_arguments
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,6 @@ def use_vllm(cfg: Grpo) -> bool:
 
 
 def build_trainer(model, tokenizer, dataset, cfg: Grpo, rewards: CompletionRewards, checkpoint_dir) -> GRPOTrainer:
-    cuda = torch.cuda.is_available()
     args = GRPOConfig(
         output_dir=str(checkpoint_dir),
         max_steps=cfg.max_steps,
@@ -123,19 +122,7 @@ def build_trainer(model, tokenizer, dataset, cfg: Grpo, rewards: CompletionRewar
         reward_weights=[1.0, cfg.format_weight],
         use_vllm=use_vllm(cfg),
         vllm_mode="colocate",
-        bf16=model.dtype == torch.bfloat16,
-        fp16=model.dtype == torch.float16,
-        gradient_checkpointing=cuda,
-        logging_steps=cfg.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=SAVE_TOTAL_LIMIT,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to="none",
-        dataloader_num_workers=0,
-        dataloader_pin_memory=cuda,
+        **trainer_arguments(model, cfg.seed, cfg.logging_steps, cfg.save_steps),
     )
     return GRPOTrainer(
         model=model, reward_funcs=rewards.functions(), args=args, train_dataset=dataset, processing_class=tokenizer

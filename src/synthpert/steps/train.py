@@ -49,7 +49,7 @@ from synthpert.core.arguments import add_settings_arguments
 from synthpert.core.io import write_csv
 from synthpert.core.settings import Train
 from synthpert.errors import CommandError
-from synthpert.llm.training import SAVE_TOTAL_LIMIT, fingerprint, move_into_place, peak_memory, precision, resume_point
+from synthpert.llm.training import fingerprint, move_into_place, peak_memory, precision, resume_point, trainer_arguments
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,6 @@ def build_trainer(
     must not truncate anything.
     """
     tokenizer.chat_template = template.text  # TRL renders with it; saved with the adapter
-    cuda = torch.cuda.is_available()
     args = SFTConfig(
         output_dir=str(checkpoint_dir),
         num_train_epochs=cfg.epochs,
@@ -227,19 +226,7 @@ def build_trainer(
         max_length=None,
         assistant_only_loss=template.loss == ASSISTANT_ONLY,
         completion_only_loss=template.loss == COMPLETION_ONLY,
-        bf16=model.dtype == torch.bfloat16,
-        fp16=model.dtype == torch.float16,
-        gradient_checkpointing=cuda,  # memory is what limits a GPU; a CPU run is limited by time
-        logging_steps=cfg.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=SAVE_TOTAL_LIMIT,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to="none",
-        dataloader_num_workers=0,
-        dataloader_pin_memory=cuda,
+        **trainer_arguments(model, cfg.seed, cfg.logging_steps, cfg.save_steps),
     )
     return SFTTrainer(
         model=model,
