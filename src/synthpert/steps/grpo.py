@@ -206,6 +206,8 @@ def grpo(split_file, trace_sample, adapter, cfg: Grpo, out_dir, checkpoint_dir=N
     rows = draw_prompts(pl.read_parquet(split_file), pl.read_parquet(trace_sample), cfg.sample)
     counts = {CLASS_KEYS[c]: n for c, n in sorted(rows.group_by("label").len().iter_rows())}
     log.info("%d GRPO prompts by class: %s", rows.height, counts)
+    if not cfg.sample.balanced:
+        log.warning("rl.sample is not balanced by class: a policy that always answers the majority class gains")
 
     student = resolve_local_model(cfg.model.model)
     tokenizer = load_tokenizer(cfg.model.spec(), student)
