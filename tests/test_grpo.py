@@ -146,6 +146,10 @@ def test_settings_and_config_checks():
     assert isinstance(cfg, Grpo)
     assert set(cfg.run()) == {"model", "save_steps", "logging_steps"}  # intervals never re-run GRPO
     assert cfg.params()["sample"] == {"fraction": None, "count": 6, "seed": 88, "balanced": True}
+    same = step_settings("grpo", demo_config(**{"rl.save_steps": 7, "rl.logging_steps": 3}))
+    assert same.params_json() == cfg.params_json()  # a rule's params: no re-run
+    for key, value in [("rl.learning_rate", 1e-3), ("rl.beta", 0.0), ("rl.sample.seed", 1), ("rl.format_weight", 0.5)]:
+        assert step_settings("grpo", demo_config(**{key: value})).params_json() != cfg.params_json(), key
     with pytest.raises(ConfigError, match="add \\['synthpert'\\] to train.variants"):
         demo_config(**{"train.variants": ["sft_data"], "evaluate.rows": ["base", "synthpert_grpo"]})
     with pytest.raises(ConfigError, match="multiple of rl.num_generations"):
