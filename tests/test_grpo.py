@@ -153,4 +153,4 @@ def test_settings_and_config_checks():
     with pytest.raises(ConfigError, match="add \\['synthpert'\\] to train.variants"):
         demo_config(**{"train.variants": ["sft_data"], "evaluate.rows": ["base", "synthpert_grpo"]})
     with pytest.raises(ConfigError, match="multiple of rl.num_generations"):
-        demo_config(**{"rl.batch_size": 6})
+        demo_config(**{"rl.batch_size": 5})
