@@ -117,6 +117,12 @@ def all_targets():
             split=split,
             variant=config["train"]["variants"],
         )
+        targets += [
+            f"results/models/{split}/{row}/{curve}.png"
+            for row in config["evaluate"]["rows"]
+            if row in rows.RL_ROWS
+            for curve in ("reward", "kl")
+        ]
     return targets
 
 
@@ -127,18 +133,23 @@ def row_model(wildcards):
 
 def row_adapter(wildcards):
     """The fine-tuned adapter of a trained row."""
-    if wildcards.row in rows.TRAINED_ROWS:
+    if wildcards.row in rows.ADAPTER_ROWS:
         return [str(rows.adapter_dir(wildcards.split, wildcards.row))]
     return []
 
 
 def engine_adapters(wildcards):
-    """The adapters of the trained rows among ENGINE_ROWS, in their order."""
+    """The adapters of the fine-tuned rows among ENGINE_ROWS, in their order."""
     return [
         str(rows.adapter_dir(wildcards.split, row))
         for row in ENGINE_ROWS
-        if row in rows.TRAINED_ROWS
+        if row in rows.ADAPTER_ROWS
     ]
+
+
+def rl_start_adapter(wildcards):
+    """The SFT adapter a GRPO row continues (`synthpert_grpo`: the `synthpert` adapter)."""
+    return str(rows.adapter_dir(wildcards.split, rows.RL_ROWS[wildcards.rl_row]))
 
 
 TABLE_SPLIT = {"1": "default", "2": "default", "3": "default", "4": HOLDOUT_TABLE_SPLIT}

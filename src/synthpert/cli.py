@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "traces": ("synthpert.steps.traces", "teacher LLM writes reasoning traces for one shard"),
     "critic": ("synthpert.steps.critic", "critic grades traces; keep the good ones as the SFT set"),
     "train": ("synthpert.steps.train", "LoRA fine-tuning of the student with TRL"),
+    "grpo": ("synthpert.steps.grpo", "GRPO after SFT, rewarded by the evaluation's parser against the labels"),
     "questions": ("synthpert.steps.questions", "the held-out questions of one split (seeded, stratified sample)"),
     "predict": ("synthpert.steps.predict", "a model row answers the held-out questions of one shard"),
     "baseline": ("synthpert.steps.baseline", "predictions of a row computed without an LLM"),

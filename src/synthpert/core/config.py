@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from synthpert.core.prompts import GRADES
-from synthpert.core.rows import LLM_ROWS, ROWS, TRAINED_ROWS, row_model_name
+from synthpert.core.rows import LLM_ROWS, RL_ROWS, ROWS, TRAINED_ROWS, row_model_name
 from synthpert.core.settings import LOCAL_BACKENDS
 from synthpert.errors import ConfigError
 
@@ -76,6 +76,19 @@ def check(config: dict) -> None:
     untrained = [r for r in config["evaluate"]["rows"] if r in TRAINED_ROWS and r not in config["train"]["variants"]]
     if untrained:
         raise ConfigError(f"evaluate.rows: {untrained} are not trained; add them to train.variants")
+    rows = config["evaluate"]["rows"]
+    unstarted = [r for r in rows if r in RL_ROWS and RL_ROWS[r] not in config["train"]["variants"]]
+    if unstarted:
+        raise ConfigError(
+            f"evaluate.rows: {unstarted} continue an SFT adapter by GRPO; add "
+            f"{sorted({RL_ROWS[r] for r in unstarted})} to train.variants"
+        )
+    rl = config["rl"]
+    if rl["batch_size"] % rl["num_generations"]:
+        raise ConfigError(
+            f"rl.batch_size {rl['batch_size']} must be a multiple of rl.num_generations {rl['num_generations']} "
+            "(each step holds whole groups of completions)"
+        )
     check_budgets(config)
 
 

@@ -7,7 +7,10 @@ from pathlib import Path
 
 BASELINE_ROWS = ("majority", "transfer", "gene_prior", "knn")  # computed without a language model
 TRAINED_ROWS = ("synthpert", "sft_data", "synthpert_balanced")  # the variants `train` can fit
-LLM_ROWS = ("base", *TRAINED_ROWS, "teacher")
+# Variants `grpo` fits by reinforcement learning on the labels, and the SFT row each starts from.
+RL_ROWS = {"synthpert_grpo": "synthpert"}
+ADAPTER_ROWS = (*TRAINED_ROWS, *RL_ROWS)  # the rows answered with a fine-tuned adapter
+LLM_ROWS = ("base", *ADAPTER_ROWS, "teacher")
 ROWS = (*BASELINE_ROWS, *LLM_ROWS)
 
 

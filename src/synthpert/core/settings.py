@@ -311,6 +311,32 @@ class Train(Settings):
 
 
 @dataclass(frozen=True)
+class Grpo(Settings):
+    """GRPO after SFT: the student (its SFT adapter is an input file), the prompt sample and
+    every hyper-parameter of `rl:`; checkpoint and logging intervals only change how it runs."""
+
+    model: Model
+    sample: Sample
+    num_generations: int
+    batch_size: int
+    gradient_accumulation_steps: int
+    max_steps: int
+    learning_rate: float
+    beta: float
+    max_completion_length: int
+    temperature: float
+    format_weight: float
+    seed: int
+    save_steps: int = run_field(default=50)
+    logging_steps: int = run_field(default=1)
+
+    @classmethod
+    def from_config(cls, config: dict, **_) -> Grpo:
+        rl = dict(config["rl"])
+        return cls(model=_model(config, config["train"]["model"]), sample=Sample.of(rl.pop("sample")), **rl)
+
+
+@dataclass(frozen=True)
 class Questions(Settings):
     sample: Sample
 
@@ -380,7 +406,7 @@ class Screen(Settings):
                 f"nor a model row {sorted(rows.LLM_ROWS)}"
             )
         name = rows.row_model_name(model, config)
-        return cls(_model(config, name), Generation.of(config["evaluate"]["generation"]), model in rows.TRAINED_ROWS)
+        return cls(_model(config, name), Generation.of(config["evaluate"]["generation"]), model in rows.ADAPTER_ROWS)
 
 
 @dataclass(frozen=True)
@@ -414,6 +440,7 @@ STEPS: dict[str, type[Settings]] = {
     "critic_grade": CriticGrade,
     "critic_select": CriticSelect,
     "train": Train,
+    "grpo": Grpo,
     "questions": Questions,
     "predict": Predict,
     "baseline": Baseline,

@@ -21,7 +21,7 @@ import polars as pl
 
 from synthpert.core.arguments import add_settings_arguments
 from synthpert.core.io import write_parquet
-from synthpert.core.rows import TRAINED_ROWS, adapter_layout
+from synthpert.core.rows import ADAPTER_ROWS, adapter_layout
 from synthpert.core.settings import Predict
 from synthpert.errors import CommandError
 from synthpert.evaluation.answers import PREDICTION_SCHEMA, answer_records, build_requests, question_shard
@@ -48,7 +48,7 @@ def add_arguments(parser) -> None:
 def row_adapters(row_names: list[str], adapters: list[Path]) -> list[Path | None]:
     """The adapter of each row (None for base and API rows): trained rows take the given
     adapters in order, and an adapter laid out by `train` must be that row's."""
-    trained = [r for r in row_names if r in TRAINED_ROWS]
+    trained = [r for r in row_names if r in ADAPTER_ROWS]
     if len(adapters) != len(trained):
         raise CommandError(f"rows {row_names} need {len(trained)} adapter(s) (one per fine-tuned row: {trained}), "
                            f"got {len(adapters)}: pass --adapter for each")

@@ -28,12 +28,9 @@ template), `train_log.csv`, `loss.png`, `train_metrics.json`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import re
-import resource
 import shutil
 import tempfile
 import time
@@ -49,13 +46,13 @@ from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
 from synthpert.core.arguments import add_settings_arguments
-from synthpert.core.io import atomic_path, write_csv
+from synthpert.core.io import write_csv
 from synthpert.core.settings import Train
 from synthpert.errors import CommandError
+from synthpert.llm.training import fingerprint, move_into_place, peak_memory, precision, resume_point, trainer_arguments
 
 log = logging.getLogger(__name__)
 
-SAVE_TOTAL_LIMIT = 2  # checkpoints kept on disk: the newest and one spare
 LOG_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "entropy", "mean_token_accuracy"]
 ASSISTANT_ONLY = "assistant_only_loss"  # template has {% generation %} markers
 COMPLETION_ONLY = "completion_only_loss"  # prompt/completion conversations
@@ -177,18 +174,6 @@ def to_dataset(conversations: list[list[dict]], template: ChatTemplate):
 # --------------------------------------------------------------------------- model and trainer
 
 
-def precision(dtype_setting: str = "auto", load_in_4bit: bool = False) -> tuple[Any, str]:
-    """(torch dtype to load the student in, name): bf16 on CUDA with native bf16, else fp32."""
-    cuda = torch.cuda.is_available()
-    if load_in_4bit and not cuda:
-        raise CommandError("train.load_in_4bit (QLoRA through bitsandbytes) needs a CUDA GPU; none is available")
-    if dtype_setting == "auto":
-        dtype_setting = "bfloat16" if cuda and torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
-    if dtype_setting == "float16" and not cuda:
-        raise CommandError("dtype float16 training needs a CUDA GPU; use float32 or auto on CPU")
-    return getattr(torch, dtype_setting), dtype_setting
-
-
 def load_student(path: str, dtype, load_in_4bit: bool = False, revision: str | None = None):
     """The base model, optionally quantised to 4 bit (QLoRA)."""
     kwargs: dict[str, Any] = {"dtype": dtype, "revision": revision}
@@ -230,7 +215,6 @@ def build_trainer(
     must not truncate anything.
     """
     tokenizer.chat_template = template.text  # TRL renders with it; saved with the adapter
-    cuda = torch.cuda.is_available()
     args = SFTConfig(
         output_dir=str(checkpoint_dir),
         num_train_epochs=cfg.epochs,
@@ -242,19 +226,7 @@ def build_trainer(
         max_length=None,
         assistant_only_loss=template.loss == ASSISTANT_ONLY,
         completion_only_loss=template.loss == COMPLETION_ONLY,
-        bf16=model.dtype == torch.bfloat16,
-        fp16=model.dtype == torch.float16,
-        gradient_checkpointing=cuda,  # memory is what limits a GPU; a CPU run is limited by time
-        logging_steps=cfg.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=SAVE_TOTAL_LIMIT,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to="none",
-        dataloader_num_workers=0,
-        dataloader_pin_memory=cuda,
+        **trainer_arguments(model, cfg.seed, cfg.logging_steps, cfg.save_steps),
     )
     return SFTTrainer(
         model=model,
@@ -287,43 +259,6 @@ def _squash(text: str) -> str:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def fingerprint(data: Path, identity: dict[str, Any]) -> str:
-    """Identity of a run (data bytes + what shapes the training): a checkpoint resumes only its own run."""
-    h = hashlib.sha256()
-    with open(data, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    h.update(json.dumps(identity, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-def resume_point(checkpoint_dir: Path, run_id: str) -> Path | None:
-    """The newest complete checkpoint of this run; stale or incomplete ones are removed."""
-    marker = checkpoint_dir / "run.json"
-    if checkpoint_dir.exists():
-        stale = not marker.exists() or json.loads(marker.read_text()).get("fingerprint") != run_id
-        if stale:
-            log.warning("discarding checkpoints in %s: they belong to other data or settings", checkpoint_dir)
-            shutil.rmtree(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    if not marker.exists():
-        with atomic_path(marker) as tmp:
-            tmp.write_text(json.dumps({"fingerprint": run_id}))
-    steps = {}
-    for path in checkpoint_dir.glob("checkpoint-*"):
-        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if match and path.is_dir():
-            steps[int(match.group(1))] = path
-    last = None
-    for step in sorted(steps, reverse=True):
-        if last is None and (steps[step] / "trainer_state.json").exists():
-            last = steps[step]
-        elif last is None:  # killed while saving: trainer_state.json is written last
-            log.warning("removing incomplete checkpoint %s", steps[step])
-            shutil.rmtree(steps[step])
-    return last
-
-
 # --------------------------------------------------------------------------- outputs
 
 
@@ -335,12 +270,6 @@ class TokenCounter(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.tokens = max(self.tokens, int((logs or {}).get("num_tokens", 0)))
-
-
-def peak_memory() -> tuple[int, str]:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated(), "cuda_max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
 
 
 def write_log(history: list[dict], csv_path: Path, png_path: Path) -> list[dict]:
@@ -362,17 +291,6 @@ def write_log(history: list[dict], csv_path: Path, png_path: Path) -> list[dict]
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return rows
-
-
-def _move_into_place(staging: Path, out_dir: Path, names: list[str]) -> None:
-    """Replace the outputs; the last name (the marker) goes in last."""
-    marker = out_dir / names[-1]
-    marker.unlink(missing_ok=True)
-    for name in names:
-        target = out_dir / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(staging / name, target)
 
 
 # --------------------------------------------------------------------------- the step
@@ -464,7 +382,7 @@ def train(data, cfg: Train, out_dir, checkpoint_dir=None) -> dict[str, Any]:
             memory_source, metrics["final_loss"],
         )  # fmt: skip
         (staging / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        _move_into_place(staging, out_dir, ["adapter", "train_log.csv", "loss.png", "train_metrics.json"])
+        move_into_place(staging, out_dir, ["adapter", "train_log.csv", "loss.png", "train_metrics.json"])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(checkpoint_dir)  # the run is complete: nothing left to resume

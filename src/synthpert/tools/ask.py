@@ -40,7 +40,7 @@ from synthpert.core.config import SCHEMA
 from synthpert.core.config import load as config_load
 from synthpert.core.labels import CLASS_NAMES, DOWN, NOT_DE, UP, display_cell
 from synthpert.core.prompts import parse_reasoning
-from synthpert.core.rows import LLM_ROWS, TRAINED_ROWS, adapter_dir, adapter_layout, row_model_name
+from synthpert.core.rows import ADAPTER_ROWS, LLM_ROWS, adapter_dir, adapter_layout, row_model_name
 from synthpert.core.settings import LOCAL_BACKENDS, Generation, Screen
 from synthpert.errors import CommandError, ConfigError
 from synthpert.evaluation.answers import PREDICTION_SCHEMA, answer_records, qid_expr, question_request
@@ -150,7 +150,7 @@ def resolve_model(name: str, settings: dict, split: str, results: Path) -> Model
         return Model(name, models[name])
     if name in LLM_ROWS:
         spec = models[row_model_name(name, settings)]
-        return Model(name, spec, trained_adapter(name, split, results) if name in TRAINED_ROWS else None)
+        return Model(name, spec, trained_adapter(name, split, results) if name in ADAPTER_ROWS else None)
     known = sorted({*models, *LLM_ROWS})
     raise CommandError(
         f"unknown model {name!r}: not an adapter folder, nor a model of the configuration or a model row "
