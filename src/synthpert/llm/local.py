@@ -176,22 +176,31 @@ class LocalBackend:
 
     @torch.inference_mode()
     def _score_options(self, prompt: str, text: str, request: Request) -> dict[str, float]:
-        """log P(option + closing tag | context), summed over tokens, one forward pass."""
+        """log P(option + closing tag | context), summed over tokens: the shared context is
+        run once and its KV cache serves every option (so scoring costs about one context
+        pass, not one per option)."""
         tag = request.option_tag
         head = text.split(f"<{tag}>")[0]
         if "<think>" in head and "</think>" not in head:
             head += "\n</think>\n"
         context = self._encode(prompt + head + f"<{tag}>")
         continuations = [self._encode(option + f"</{tag}>") for option in request.options]
-        width = len(context) + max(len(c) for c in continuations)
+        out = self.lm(input_ids=torch.tensor([context], device=self.device), use_cache=True)
+        first = out.logits[0, -1].float().log_softmax(-1)  # predicts each option's first token
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(len(continuations))
+        width = max(len(c) for c in continuations) - 1
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([context + c + [pad] * (width - len(context) - len(c)) for c in continuations])
-        mask = torch.tensor([[1] * (len(context) + len(c)) + [0] * (width - len(context) - len(c)) for c in continuations])
-        logits = self.lm(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        rest = torch.tensor([c[:-1] + [pad] * (width - len(c) + 1) for c in continuations], device=self.device)
+        mask = torch.tensor(
+            [[1] * (len(context) + len(c) - 1) + [0] * (width - len(c) + 1) for c in continuations], device=self.device
+        )
+        logits = self.lm(input_ids=rest, attention_mask=mask, past_key_values=cache).logits if width else None
         scores = {}
         for row, (option, cont) in enumerate(zip(request.options, continuations)):
-            # logits at position p predict token p + 1
-            steps = logits[row, len(context) - 1 : len(context) - 1 + len(cont)].float().log_softmax(-1)
-            target = torch.tensor(cont, device=steps.device)[:, None]
-            scores[option] = float(steps.gather(-1, target).sum())
+            total = first[cont[0]]
+            if len(cont) > 1:  # logits at position p of `rest` predict continuation token p + 1
+                steps = logits[row, : len(cont) - 1].float().log_softmax(-1)
+                total = total + steps.gather(-1, torch.tensor(cont[1:], device=self.device)[:, None]).sum()
+            scores[option] = float(total)
         return scores
