@@ -42,6 +42,8 @@ NOT_REACHED = {
     "trace_sample": {("synthpert.llm.backends", f) for f in ("make_backend", "_vllm_backend_class", "resolve_local_model")},
     # `critic select` filters graded tables and builds no LLM backend.
     "critic_select": {("synthpert.llm.backends", f) for f in ("make_backend", "_vllm_backend_class", "resolve_local_model")},
+    # `grpo` resolves the student's weights (resolve_local_model) and builds no LLM backend.
+    "grpo": {("synthpert.llm.backends", f) for f in ("make_backend", "_vllm_backend_class")},
     # The rule passes --settings, so `screen` never reads a config file (which needs snakemake).
     "screen": {("synthpert.core.config", "complete")},
     # The rule passes the validated configuration as JSON, so `plan` never reads a config file.

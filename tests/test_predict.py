@@ -64,5 +64,5 @@ def test_adapters_are_matched_to_their_rows(tmp_path):
 def test_one_engine_per_shard_only_for_a_vllm_student():
     assert engine_rows(demo_config()) == []  # backend local: one job per row
     config = demo_config(**{"models.student.backend": "vllm"})
-    assert engine_rows(config) == ["base", "sft_data", "synthpert"]  # the teacher row asks the teacher
+    assert engine_rows(config) == ["base", "sft_data", "synthpert", "synthpert_grpo"]  # the teacher row asks the teacher
     assert engine_rows(demo_config(**{"models.student.backend": "vllm", "evaluate.rows": ["majority", "synthpert"]})) == []
