@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -70,6 +71,32 @@ def test_reservations_of_a_killed_job_keep_counting_until_resent(tmp_path):
     assert ledger.reserve("log#k", 0.2, "traces", caps)[0] == OK  # the rerun replaces its own reservation
     assert path.read_text().count("\n") == 3  # the torn line was ended, not glued to the next one
     assert Ledger(path).totals() == ({}, {"traces": pytest.approx(0.2)})
+
+
+def test_threads_of_one_process_take_turns_on_the_ledger(tmp_path, caplog):
+    """The OpenAI backend reserves and settles from worker threads; POSIX locks do not
+    exclude those, so without a thread lock they read each other's half-written lines,
+    lose settlements and then wait forever on reservations that look in flight."""
+    path = tmp_path / "ledger.jsonl"
+    ledgers = [Ledger(path), Ledger(path)]  # two guards of one process, as in a shared job
+    caps = {"traces": None, None: None}
+
+    def work(worker: int) -> None:
+        ledger = ledgers[worker % 2]
+        for i in range(60):
+            rid = f"{worker}#{i}"
+            assert ledger.reserve(rid, 0.01, "traces", caps)[0] == OK
+            ledger.settle(rid, 0.005, "traces")
+
+    with caplog.at_level("WARNING", logger="synthpert.llm.budget"):
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not caplog.records, caplog.records[0].getMessage()
+    assert Ledger(path).totals() == ({"traces": pytest.approx(8 * 60 * 0.005)}, {})
+    assert all(json.loads(line) for line in path.read_text().splitlines())
 
 
 def test_worst_case_bounds_what_the_guard_reserves(tmp_path):

@@ -11,7 +11,10 @@ still does not fit, the job stops. So the settled total never exceeds a cap, and
 stops less than one request's worst-case cost below it, however many shards run at once.
 
 Every read and write happens under an exclusive POSIX record lock (`fcntl.lockf`) on the
-ledger, the kind NFS supports across hosts (docs/cluster.md says where it does not). A
+ledger, the kind NFS supports across hosts (docs/cluster.md says where it does not), taken
+inside a process-wide thread lock: POSIX locks exclude processes, not the threads of one
+(the OpenAI backend claims and settles from worker threads), and closing any descriptor of
+the file drops every lock the process holds on it. A
 reservation's id is its request log and request key: a job that is killed leaves its
 reservations open (its requests may have been billed), they keep counting, and the
 rerun that sends the same requests replaces them. A reservation counts as in flight while
@@ -26,6 +29,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -39,6 +43,7 @@ from synthpert.llm.requests import OK, STOP, WAIT, Request, Response, SpendingGu
 logger = logging.getLogger(__name__)
 
 HOST = socket.gethostname()
+_THREADS = threading.Lock()  # one ledger access per process at a time; see the module docstring
 FRAMING_TOKENS = 4  # per message, and once for the reply: an upper bound of OpenAI's chat format
 
 
@@ -74,7 +79,7 @@ class Ledger:
     @contextlib.contextmanager
     def _locked(self) -> Iterator:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+b") as fh:
+        with _THREADS, open(self.path, "a+b") as fh:
             fcntl.lockf(fh, fcntl.LOCK_EX)
             try:
                 self._read_new(fh)
