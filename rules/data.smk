@@ -29,7 +29,7 @@ rule derive:
         cell="|".join(config["data"]["derive"]) or "(?!)",
     conda:
         "../envs/derive.yaml"
-    threads: 1
+    threads: 8  # DESeq2 worker processes, one perturbation each; capped at --cores
     params:
         settings=result_settings("derive"),
     shell:

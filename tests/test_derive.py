@@ -86,6 +86,13 @@ def test_planted_effects_are_recovered_with_their_direction(screen, method):
     assert stats.filter(pl.col("split") == "test")["pert"].n_unique() == 4  # 25% of 16
 
 
+def test_deseq2_fits_in_worker_processes_give_the_same_statistics(screen):
+    path, _ = screen
+    alone, _ = step.derive(path, settings(), threads=1)
+    pooled, _ = step.derive(path, settings(), threads=2)
+    assert pooled.equals(alone)
+
+
 def test_main_writes_perturbqa_files_that_prepare_reads(screen, tmp_path):
     path, _ = screen
     out = tmp_path / "derived" / "mine"

@@ -62,7 +62,7 @@ def derive(h5ad: str | Path, settings: Derive, threads: int = 1) -> tuple[pl.Dat
 def add_arguments(parser) -> None:
     parser.add_argument("--h5ad", required=True, type=Path, help="the screen (AnnData .h5ad, raw counts)")
     add_settings_arguments(parser, "derive")
-    parser.add_argument("--threads", type=int, default=1, help="CPUs for the DESeq2 fits")
+    parser.add_argument("--threads", type=int, default=1, help="worker processes for the DESeq2 fits, one perturbation each")
     parser.add_argument("--de", required=True, type=Path, help="output: <cell>-de.csv (PerturbQA format)")
     parser.add_argument("--dir", required=True, type=Path, help="output: <cell>-dir.csv (PerturbQA format)")
     parser.add_argument("--stats", required=True, type=Path, help="output: statistics of every tuple (Parquet)")
