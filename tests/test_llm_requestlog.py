@@ -8,7 +8,7 @@ import pytest
 
 from synthpert.errors import CommandError
 from synthpert.llm.backends import api_key, make_backend
-from synthpert.llm.requests import Request, RequestLog, Response, SpendingGuard, plan
+from synthpert.llm.requests import Request, RequestLog, Response, SpendingGuard, log_records, plan
 
 
 def ask(text: str, **kwargs) -> Request:
@@ -92,6 +92,22 @@ def test_corrupt_line_in_the_middle_is_an_error(tmp_path):
     path.write_text('{"key": "k1", "tag": "", "text": "a", "finish_reason": "stop"}\nnot json\n{"key": "k2"}\n')
     with pytest.raises(CommandError, match="line 2"):
         RequestLog(path)
+
+
+def test_log_records_read_without_touching_a_log_being_written(tmp_path):
+    path = tmp_path / "log.jsonl"
+    with RequestLog(path) as log:
+        log.append(Response("k1", "", "a", "stop"), model="m")
+    with open(path, "ab") as fh:
+        fh.write(b'{"key": "k2", "te')  # a job's append, half done
+    before = path.read_bytes()
+    records = log_records(path)
+    assert [(r["key"], r["model"]) for r in records] == [("k1", "m")] and "time" in records[0]
+    assert path.read_bytes() == before  # not cut: the writer is still at it
+    assert log_records(tmp_path / "absent.jsonl") == []
+    path.write_text('{"key": "k1"}\nnot json\n')
+    with pytest.raises(CommandError, match="line 2"):
+        log_records(path)
 
 
 def test_last_line_wins_for_a_repeated_key(tmp_path):

@@ -263,14 +263,30 @@ def plan(requests: Sequence[Request], model: str, log: RequestLog) -> tuple[dict
     return done, pending
 
 
+def log_records(path: Path) -> list[dict]:
+    """Every complete line of a request log as written (model and time included), read
+    without changing the file, which a running job may be appending to: a last line
+    without its newline is still being written and is left out (`RequestLog` would cut it)."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    records = []
+    for number, line in enumerate(data[: data.rfind(b"\n") + 1].splitlines(), start=1):
+        try:
+            records.append(json.loads(line))
+        except ValueError as err:
+            raise CommandError(f"{path}: line {number} is not a request-log record ({err})") from None
+    return records
+
+
 def request_log_path(out: Path) -> Path:
     """`<out without .parquet>.requests.jsonl`: the append-only log of one output."""
     return out.with_name(out.name.removesuffix(".parquet") + ".requests.jsonl")
 
 
-def run_requests(backend, requests: list[Request], log_file: Path, guard: SpendingGuard | None, desc: str) -> dict:
+def run_requests(backend, requests: list[Request], log: RequestLog, guard: SpendingGuard | None, desc: str) -> dict:
     """Send what the log lacks; if the guard stopped the run, say what is left and stop."""
-    responses = backend.run(requests, RequestLog(log_file), guard=guard, desc=desc)
+    responses = backend.run(requests, log, guard=guard, desc=desc)
     keys = {r.key(backend.model) for r in requests}
     missing = len(keys - responses.keys())
     if missing:
@@ -278,7 +294,7 @@ def run_requests(backend, requests: list[Request], log_file: Path, guard: Spendi
         why = f"the spending guard stopped the run ({guard.stop_reason})" if stopped else "no answer came back"
         raise CommandError(
             f"{desc}: {why} with {len(keys) - missing} of {len(keys)} requests answered, {missing} missing "
-            f"(never sent, so unpaid); nothing is written but the answers, kept in {log_file}: rerunning "
+            f"(never sent, so unpaid); nothing is written but the answers, kept in {log.path}: rerunning "
             f"(with a higher limit) resumes where it stopped and pays for no answer twice"
         )
     return responses

@@ -38,7 +38,7 @@ from synthpert.core.settings import CriticGrade, CriticSelect
 from synthpert.errors import CommandError
 from synthpert.llm.backends import make_backend
 from synthpert.llm.budget import spending_guard
-from synthpert.llm.requests import Response, request_log_path, run_requests
+from synthpert.llm.requests import RequestLog, Response, request_log_path, run_requests
 from synthpert.llm.step_requests import critic_mode, critic_requests
 
 log = logging.getLogger(__name__)
@@ -98,15 +98,14 @@ def grade_traces(traces: pl.DataFrame, settings: CriticGrade, out: Path, backend
         raise CommandError(f"the traces table lacks column(s) {missing}; found {traces.columns}")
     todo = traces.filter(pl.col("reasoning").is_not_null())
     mode = critic_mode(settings)
-    log_file = request_log_path(out)
-    guard = spending_guard(settings.model, settings.budget, log_file)
     requests = critic_requests(todo, settings, mode)
     by_tid = {}
-    if requests:
-        responses = run_requests(backend, requests, log_file, guard, f"critic ({mode})")
-        by_tid = {req.tag: responses[req.key(backend.model)] for req in requests}
-    if mode == "json":
-        rejected = [tid for tid, resp in by_tid.items() if structured_unsupported(resp)]
+    with RequestLog(request_log_path(out)) as request_log:
+        guard = spending_guard(settings.model, settings.budget, request_log.path)
+        if requests:
+            responses = run_requests(backend, requests, request_log, guard, f"critic ({mode})")
+            by_tid = {req.tag: responses[req.key(backend.model)] for req in requests}
+        rejected = [tid for tid, resp in by_tid.items() if structured_unsupported(resp)] if mode == "json" else []
         if rejected:
             log.warning(
                 "%d critic requests with a JSON schema were rejected (%s); asking them again with the "
@@ -115,7 +114,7 @@ def grade_traces(traces: pl.DataFrame, settings: CriticGrade, out: Path, backend
                 by_tid[rejected[0]].error,
             )
             retry = critic_requests(todo.filter(pl.col("tid").is_in(rejected)), settings, "tags")
-            answers = run_requests(backend, retry, log_file, guard, "critic (tags)")
+            answers = run_requests(backend, retry, request_log, guard, "critic (tags)")
             by_tid.update({req.tag: answers[req.key(backend.model)] for req in retry})
     grades = pl.DataFrame(
         [{"tid": tid, **grade_record(by_tid.get(tid))} for tid in traces["tid"]],

@@ -38,7 +38,7 @@ from synthpert.errors import CommandError, ConfigError
 from synthpert.evaluation.answers import build_requests, question_shard
 from synthpert.llm.embedded import is_embedded, local_path
 from synthpert.llm.identity import api_identity, local_identity
-from synthpert.llm.requests import Request, RequestLog, request_log_path
+from synthpert.llm.requests import Request, log_records, request_log_path
 from synthpert.llm.step_requests import (
     critic_mode,
     critic_requests,
@@ -196,7 +196,8 @@ def tally(jobs: list[Job], view: ModelView) -> Tally:
     total = Tally()
     for job in jobs:
         ids = identities(view, job.adapter)
-        request_log = RequestLog(job.log) if job.log.is_file() else None
+        records = log_records(job.log)  # one read, read-only: jobs may be appending
+        answered = {r["key"] for r in records}
         seen: set[str] = set()
         for request in job.requests:
             keys = {request.key(i) for i in ids} or {request.key("")}
@@ -204,16 +205,14 @@ def tally(jobs: list[Job], view: ModelView) -> Tally:
                 continue
             seen |= keys
             total.requests += 1
-            if request_log is not None and any(k in request_log for k in keys):
+            if keys & answered:
                 total.answered += 1
                 continue
             total.to_send += 1
             total.prompt_tokens += view.count(request) + job.extra_prompt_tokens
             total.max_new_tokens += request.max_new_tokens
         total.exact &= job.exact
-        if job.log.is_file():
-            lines = [json.loads(line) for line in job.log.read_text().splitlines() if line.strip()]
-            total.logged += [{**r, "_log": str(job.log)} for r in lines if r.get("model") in ids]
+        total.logged += [{**r, "_log": str(job.log)} for r in records if r.get("model") in ids]
     return total
 
 

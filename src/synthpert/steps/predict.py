@@ -69,10 +69,10 @@ def main(args) -> None:
     requests = build_requests(rows, settings.generation, settings.model.local)
     backends = backend_family(settings.model.spec(), [None if a is None else str(a) for a in adapters])
     for row, out, backend in zip(args.row, args.out, backends):
-        log_file = request_log_path(out)
-        guard = spending_guard(settings.model, settings.budget, log_file)  # an API row's budget
-        responses = run_requests(backend, requests, log_file, guard, f"{row} {args.cell}#{args.shard}")
+        with RequestLog(request_log_path(out)) as request_log:
+            guard = spending_guard(settings.model, settings.budget, request_log.path)  # an API row's budget
+            responses = run_requests(backend, requests, request_log, guard, f"{row} {args.cell}#{args.shard}")
+            usage = request_log.usage()
         df = pl.DataFrame(answer_records(rows, requests, responses, backend.model), schema=PREDICTION_SCHEMA)
         write_parquet(df, out)
-        usage = RequestLog(log_file).usage()
         log.info("%s: %d answers (%s); usage %s", row, df.height, df["status"].value_counts().to_dicts(), usage)

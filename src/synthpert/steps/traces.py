@@ -151,17 +151,17 @@ def run_shard(sample: pl.DataFrame, cell: str, shard: int, settings: Traces, out
     traces and the usage beside them."""
     rows = trace_shard(sample, cell, shard, settings.shards)
     requests = generator_requests(rows, settings)
-    log_file = request_log_path(out)
-    guard = spending_guard(settings.model, settings.budget, log_file, settings.max_requests, settings.max_tokens)
     records = []
-    if requests:  # an empty shard needs no model
-        responses = run_requests(backend, requests, log_file, guard, f"traces {cell} shard {shard}")
-        records = [
-            trace_record(row, responses[req.key(backend.model)])
-            for row, req in zip(rows.iter_rows(named=True), requests, strict=True)
-        ]
+    with RequestLog(request_log_path(out)) as request_log:
+        guard = spending_guard(settings.model, settings.budget, request_log.path, settings.max_requests, settings.max_tokens)
+        if requests:  # an empty shard needs no model
+            responses = run_requests(backend, requests, request_log, guard, f"traces {cell} shard {shard}")
+            records = [
+                trace_record(row, responses[req.key(backend.model)])
+                for row, req in zip(rows.iter_rows(named=True), requests, strict=True)
+            ]
+        usage = {"model": settings.model.model, "cell": cell, "shard": shard, "tuples": rows.height, **request_log.usage()}
     df = pl.DataFrame(records, schema=TRACE_SCHEMA)
-    usage = {"model": settings.model.model, "cell": cell, "shard": shard, "tuples": rows.height, **RequestLog(log_file).usage()}
     with atomic_path(usage_path(out)) as tmp:
         tmp.write_text(json.dumps(usage, indent=2) + "\n")
     write_parquet(df, out)
