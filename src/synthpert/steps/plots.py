@@ -35,7 +35,7 @@ from synthpert.core.labels import CLASS_KEYS, NOT_DE, UP, display_cell
 from synthpert.core.prompts import GRADES
 from synthpert.errors import CommandError
 from synthpert.evaluation.metrics import CLASSES, auroc_per_gene, auroc_pooled, confusion
-from synthpert.evaluation.predictions import load_predictions, ordered_cells
+from synthpert.evaluation.predictions import load_predictions, ordered_cells, without_failures
 
 TASKS = {
     "de3": ("score_de", "differential expression"),
@@ -325,9 +325,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     if args.action == "roc":
-        fig = roc_figure(load_predictions(args.predictions), args.task)
+        fig = roc_figure(without_failures(load_predictions(args.predictions)), args.task)
     elif args.action == "confusion":
-        fig = confusion_figure(load_predictions(args.predictions))
+        fig = confusion_figure(without_failures(load_predictions(args.predictions)))
     elif args.action == "views":
         table = _read_csv(args.table_file, infer_schema_length=None)
         fig = views_figure(table, _view_title(args.table_file.stem))

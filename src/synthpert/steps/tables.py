@@ -48,7 +48,7 @@ from synthpert.evaluation.metrics import (
     bootstrap_three_class,
     three_class_metrics,
 )
-from synthpert.evaluation.predictions import load_predictions, ordered_cells
+from synthpert.evaluation.predictions import load_predictions, ordered_cells, without_failures
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,8 @@ def auroc_table(
     )
     records = []
     for row in rows:
-        mine = preds.filter((pl.col("row") == row) & (pl.col("task") == task))
+        everything = preds.filter((pl.col("row") == row) & (pl.col("task") == task))
+        mine = without_failures(everything)
         unscored = mine.filter(pl.col(score).is_null() | pl.col(score).is_nan()).height
         if unscored:
             raise CommandError(f"row {row!r}: {unscored} {task} predictions have no {score}")
@@ -169,6 +170,7 @@ def auroc_table(
             record[f"{name}_auroc_pooled"] = _nan_to_none(pooled.value)
             record[f"{name}_auroc_paper"] = _nan_to_none(paper.value)
             record[f"{name}_n"] = pooled.n
+            record[f"{name}_n_failed"] = everything.filter(pl.col("cell") == cell).height - part.height
             record[f"{name}_auroc_paper_subsets_mean"] = _nan_to_none(subsets.mean)
             record[f"{name}_auroc_paper_subsets_sd"] = _nan_to_none(subsets.sd)
             record[f"{name}_n_subset"] = subsets.n
@@ -219,8 +221,10 @@ def three_class_table(
         if counts_before is not None:
             before = counts_before.filter((pl.col("row") == row) & (pl.col("cell") == cell))
             record["n_all"] = int(before["n"][0]) if before.height else 0
-        metrics = three_class_metrics(part["label"], part["pred"])
+        answers = without_failures(part)
+        metrics = three_class_metrics(answers["label"], answers["pred"])
         record.update({k: _nan_to_none(v) for k, v in metrics.items()})
+        record["n_failed"] = part.height - answers.height
         record["score_source"] = _score_source(part)
         records.append(record)
     return pl.DataFrame(records, infer_schema_length=None)
@@ -237,7 +241,7 @@ def ci_table(
 ) -> pl.DataFrame:
     """Long table of bootstrap 95% intervals: one line per (row, cell, metric)."""
     frames = []
-    for row, cell, part in _groups(preds, rows, cells, pooled):
+    for row, cell, part in _groups(without_failures(preds), rows, cells, pooled):
         ci = bootstrap_three_class(part["label"], part["pred"], n_boot, seed)
         frames.append(
             ci.with_columns(
@@ -316,7 +320,7 @@ def build(
     else:
         cells, pooled = ordered_cells(preds), True
     n_boot = settings.bootstrap
-    leading = ["split", "kind", "row", "cell", "n", "n_unparsed"]
+    leading = ["split", "kind", "row", "cell", "n", "n_unparsed", "n_failed"]
     main = three_class_table(preds, split, rows, cells, pooled)
     unseen = unseen_only(preds, splits)
     before = pl.DataFrame(
