@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -326,3 +327,43 @@ def test_local_only_features_are_refused_before_sending(server, tmp_path):
     with pytest.raises(CommandError, match="max_new_tokens"):
         backend.run([Request(messages=(("user", "q"),), max_new_tokens=0)], RequestLog(tmp_path / "log.jsonl"))
     assert server.received == []
+
+
+def test_equal_settings_written_another_way_pay_nothing_again(server, tmp_path):
+    """`temperature: 0` for `0.0`, `top_p: 1` for `1.0`, a trailing slash on the endpoint:
+    the same requests, answered from the log."""
+    path = tmp_path / "log.jsonl"
+    messages = [(("user", f"q{i}"),) for i in range(4)]
+    first = [Request(messages=m, max_new_tokens=32, temperature=0.0, top_p=1.0) for m in messages]
+    fast_backend(spec_for(server)).run(first, RequestLog(path))
+    sent = len(server.received)
+    again = [Request(messages=m, max_new_tokens=32.0, temperature=0, top_p=1) for m in messages]
+    backend = fast_backend(spec_for(server, base_url=server.base_url + "/"))
+    answers = backend.run(again, RequestLog(path))
+    assert len(server.received) == sent and len(answers) == 4
+
+
+def test_answers_logged_under_older_key_forms_are_reused_and_relogged(server, tmp_path):
+    """Before keys were canonical they hashed the numbers and the endpoint as configured:
+    an answer logged so (here `temperature: 0`, an endpoint with a trailing slash) is found,
+    re-logged under its canonical key, and never paid again."""
+    spec = spec_for(server, base_url=server.base_url + "/")
+    request = Request(messages=(("user", "q0"),), max_new_tokens=32, temperature=0, tag="t0")
+    fields = {f: getattr(request, f) for f in ("messages", "max_new_tokens", "temperature", "top_p", "reasoning_effort",
+                                               "response_format", "prefill", "options", "option_tag")}  # fmt: skip
+    fields["temperature"] = 0  # as configured, before numbers were canonical
+    old_model = f"fake-model@{server.base_url}/"
+    payload = json.dumps({"model": old_model, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}},
+                         sort_keys=True, ensure_ascii=False)  # fmt: skip
+    old_key = hashlib.sha256(payload.encode()).hexdigest()
+    path = tmp_path / "log.jsonl"
+    line = {"key": old_key, "tag": "t0", "text": "<answer>paid for</answer>", "finish_reason": "stop",
+            "prompt_tokens": 3, "completion_tokens": 2, "model": old_model, "time": 1.0}  # fmt: skip
+    path.write_text(json.dumps(line) + "\n")
+    backend = fast_backend(spec)
+    answers = backend.run([request], RequestLog(path))
+    assert server.received == [] and answers[request.key(backend.model)].text == "<answer>paid for</answer>"
+    log = RequestLog(path)
+    assert request.key(backend.model) in log and log.usage()["requests"] == 1  # re-logged, counted once
+    backend.run([request], RequestLog(path))
+    assert server.received == [] and len(path.read_text().splitlines()) == 2
