@@ -18,6 +18,10 @@
   metrics on test tuples whose perturbation has no training row in any cell line;
   `n_all` is the count before that filter).
 
+A failed request (status `failed`, written only under `evaluate.allow_failures`) is no
+answer: every metric leaves it out, and `n_failed` (`{Cell}_n_failed` in tables 1 and 2)
+counts it; `n` counts the answers scored.
+
 Every table has `kind`: `computed` rows come from predictions; `reported` rows are the
 published numbers of `published/reported.csv` (with their `paper` and `source`), appended
 below and never mixed into computed rows; a metric a paper does not report is empty.
