@@ -83,7 +83,8 @@ def answer_records(rows: pl.DataFrame, requests: list[Request], responses: list[
         record = {"qid": qid, "cell": q["cell"], "pert": q["pert"], "gene": q["gene"], "label": q["label"],
                   "task": task, "raw_text": resp.text, "finish_reason": resp.finish_reason}  # fmt: skip
         if resp.failed:
-            records.append(record | {"status": FAILED, "raw_text": resp.error or ""})
+            unscored = dict.fromkeys(("pred", "score_de", "score_up", "score_source", "p_not_de", "p_down", "p_up"))
+            records.append(record | unscored | {"status": FAILED, "raw_text": resp.error or ""})
         else:
             records.append(record | score_row(task, resp.text, resp.finish_reason, resp.option_logprobs))
     return records
