@@ -1,10 +1,12 @@
 """The per-rule conda environments (envs/), checked statically: no conda channel is
 reachable here, so nothing is solved or installed.
 
-Every rule that runs a step names an environment file of envs/; each file parses; each
-provides the third-party packages the step imports (the module of its
-`python -m synthpert <step>` and, transitively, every synthpert module that one imports,
-imports inside functions included); and every version pin equals pyproject.toml's.
+Every rule that runs a step names an environment file of envs/; each file parses and installs
+its lock (locks/<env>.linux-64.txt, written with it by `make lock`; tests/test_locks.py checks
+the locks themselves); each provides the third-party packages the step imports (the module of
+its `python -m synthpert <step>` and, transitively, every synthpert module that one imports,
+imports inside functions included), as a package its lock was asked for (locks/sources.toml);
+and every version a lock pins of those meets pyproject.toml's specifier.
 Rules put the checkout's src/ on PYTHONPATH, so no environment installs synthpert itself.
 """
 
@@ -30,8 +32,6 @@ from synthpert.cli import COMMANDS
 
 REPO = Path(__file__).resolve().parents[1]
 ENVS = REPO / "envs"
-# conda-forge package -> the PyPI distribution it provides, where the names differ.
-CONDA_TO_PYPI = {"pytorch": "torch", "pytorch-gpu": "torch", "matplotlib-base": "matplotlib"}
 # What a module needs at run time that no import statement shows.
 RUNTIME_NEEDS = {
     "synthpert.llm.embedded": {"gguf", "pip"},  # transformers reads the GGUF through gguf; pip fetches the wheel
@@ -89,29 +89,27 @@ def rules(tmp_path_factory) -> dict[str, dict]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def load_env(path: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """(conda dependencies, pip dependencies) of an environment file: name -> version spec."""
+def load_env(path: Path) -> tuple[dict[str, str], Path]:
+    """(conda dependencies: name -> version spec, the lock its pip section installs)."""
     env = yaml.safe_load(path.read_text())
     assert isinstance(env, dict) and env.get("channels") and env.get("dependencies"), path
-    conda, pip = {}, {}
+    conda, pip = {}, []
     for dep in env["dependencies"]:
         if isinstance(dep, dict):
             assert set(dep) == {"pip"}, f"{path}: unexpected {dep}"
-            for line in dep["pip"]:
-                req = Requirement(line)
-                pip[canonicalize_name(req.name)] = str(req.specifier)
+            pip += dep["pip"]
         else:
             name, spec = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*(.*)", dep).groups()
             conda[name.lower()] = spec
-    if pip:
-        assert "pip" in conda, f"{path}: a pip: section needs pip among the conda dependencies"
-    return conda, pip
+    assert set(conda) == {"python", "pip"}, f"{path}: conda supplies Python and pip only, not {set(conda) - {'python', 'pip'}}"
+    assert len(pip) == 1 and pip[0].startswith("-r ../locks/"), f"{path}: the pip section installs one lock: {pip}"
+    return conda, (path.parent / pip[0].removeprefix("-r ")).resolve()
 
 
 def provided(path: Path) -> set[str]:
-    """PyPI names of everything an environment file installs."""
-    conda, pip = load_env(path)
-    return {canonicalize_name(CONDA_TO_PYPI.get(n, n)) for n in conda} | set(pip)
+    """PyPI names of the packages an environment's lock was asked for (locks/sources.toml)."""
+    packages = tomllib.loads((REPO / "locks" / "sources.toml").read_text())["cluster"]["envs"][path.stem]["packages"]
+    return {canonicalize_name(Requirement(p).name) for p in packages}
 
 
 def pyproject_pins() -> dict[str, str]:
@@ -193,20 +191,21 @@ def test_every_rule_names_an_existing_environment(rules):
 
 
 @pytest.mark.parametrize("path", sorted(ENVS.glob("*.yaml")), ids=lambda p: p.name)
-def test_environment_file_parses_and_pins_agree_with_pyproject(path):
+def test_environment_file_parses_and_its_lock_meets_pyproject(path):
     env = yaml.safe_load(path.read_text())
     assert env["channels"][0] == "conda-forge", path
-    conda, pip = load_env(path)
-    python = conda.pop("python")
+    conda, lock = load_env(path)
     requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
-    assert SpecifierSet(requires).contains(python.lstrip("=")), f"{path}: python{python} vs {requires}"
-    conda.pop("pip", None)
+    assert SpecifierSet(requires).contains(conda["python"].lstrip("=")), f"{path}: python{conda['python']} vs {requires}"
+    assert lock == REPO / "locks" / f"{path.stem}.linux-64.txt" and lock.is_file(), f"{path}: installs {lock}"
     pins = pyproject_pins()
-    checked = {**{CONDA_TO_PYPI.get(n, n): s for n, s in conda.items()}, **pip}
-    for name, spec in checked.items():
-        name = canonicalize_name(name)
-        assert name in pins, f"{path}: {name} is not a dependency in pyproject.toml"
-        assert SpecifierSet(spec) == SpecifierSet(pins[name]), f"{path}: {name}{spec} but pyproject says {pins[name]}"
+    locked = dict(re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", lock.read_text(), re.M))
+    # the packages asked for; the train env's vLLM comes with trl[vllm], at the releases TRL supports
+    asked = provided(path)
+    checked = {canonicalize_name(n): v for n, v in locked.items() if canonicalize_name(n) in asked}
+    assert set(checked) == asked, f"{lock.name} lacks {asked - set(checked)}"
+    for name, version in checked.items():
+        assert SpecifierSet(pins[name]).contains(version), f"{lock.name}: {name}=={version} but pyproject says {pins[name]}"
 
 
 def test_each_environment_provides_what_its_step_imports(rules):
