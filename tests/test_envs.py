@@ -1,12 +1,13 @@
 """The per-rule conda environments (envs/), checked statically: no conda channel is
 reachable here, so nothing is solved or installed.
 
-Every rule that runs a step names an environment file of envs/; each file parses and installs
-its lock (locks/<env>.linux-64.txt, written with it by `make lock`; tests/test_locks.py checks
-the locks themselves); each provides the third-party packages the step imports (the module of
-its `python -m synthpert <step>` and, transitively, every synthpert module that one imports,
-imports inside functions included), as a package its lock was asked for (locks/sources.toml);
-and every version a lock pins of those meets pyproject.toml's specifier.
+Every rule that runs a step names an environment file of envs/; each file parses and is a
+lock (Python and pip from conda, every other package pinned with its hashes; `make lock`
+writes them, tests/test_locks.py checks them against their inputs); each provides the
+third-party packages the step imports (the module of its `python -m synthpert <step>` and,
+transitively, every synthpert module that one imports, imports inside functions included)
+as a package its lock was asked for (locks/sources.toml); and the versions locked for
+those meet pyproject.toml's specifiers.
 Rules put the checkout's src/ on PYTHONPATH, so no environment installs synthpert itself.
 """
 
@@ -89,21 +90,25 @@ def rules(tmp_path_factory) -> dict[str, dict]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def load_env(path: Path) -> tuple[dict[str, str], Path]:
-    """(conda dependencies: name -> version spec, the lock its pip section installs)."""
+def load_env(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(conda dependencies: name -> version spec, pip's: name -> the exact version locked)."""
     env = yaml.safe_load(path.read_text())
     assert isinstance(env, dict) and env.get("channels") and env.get("dependencies"), path
-    conda, pip = {}, []
+    conda, pip = {}, {}
     for dep in env["dependencies"]:
         if isinstance(dep, dict):
             assert set(dep) == {"pip"}, f"{path}: unexpected {dep}"
-            pip += dep["pip"]
+            for line in dep["pip"]:
+                requirement, *hashes = line.split(" --hash=")
+                req = Requirement(requirement)
+                assert hashes and all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in hashes), f"{path}: {req.name} has no hashes"
+                (version,) = [s.version for s in req.specifier if s.operator == "=="]
+                pip[canonicalize_name(req.name)] = version
         else:
             name, spec = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*(.*)", dep).groups()
             conda[name.lower()] = spec
     assert set(conda) == {"python", "pip"}, f"{path}: conda supplies Python and pip only, not {set(conda) - {'python', 'pip'}}"
-    assert len(pip) == 1 and pip[0].startswith("-r ../locks/"), f"{path}: the pip section installs one lock: {pip}"
-    return conda, (path.parent / pip[0].removeprefix("-r ")).resolve()
+    return conda, pip
 
 
 def provided(path: Path) -> set[str]:
@@ -194,18 +199,14 @@ def test_every_rule_names_an_existing_environment(rules):
 def test_environment_file_parses_and_its_lock_meets_pyproject(path):
     env = yaml.safe_load(path.read_text())
     assert env["channels"][0] == "conda-forge", path
-    conda, lock = load_env(path)
+    conda, locked = load_env(path)
     requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
     assert SpecifierSet(requires).contains(conda["python"].lstrip("=")), f"{path}: python{conda['python']} vs {requires}"
-    assert lock == REPO / "locks" / f"{path.stem}.linux-64.txt" and lock.is_file(), f"{path}: installs {lock}"
-    pins = pyproject_pins()
-    locked = dict(re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", lock.read_text(), re.M))
     # the packages asked for; the train env's vLLM comes with trl[vllm], at the releases TRL supports
-    asked = provided(path)
-    checked = {canonicalize_name(n): v for n, v in locked.items() if canonicalize_name(n) in asked}
-    assert set(checked) == asked, f"{lock.name} lacks {asked - set(checked)}"
-    for name, version in checked.items():
-        assert SpecifierSet(pins[name]).contains(version), f"{lock.name}: {name}=={version} but pyproject says {pins[name]}"
+    asked, pins = provided(path), pyproject_pins()
+    assert asked <= set(locked), f"{path} lacks {asked - set(locked)}"
+    for name in asked:
+        assert SpecifierSet(pins[name]).contains(locked[name]), f"{path}: {name}=={locked[name]} but pyproject says {pins[name]}"
 
 
 def test_each_environment_provides_what_its_step_imports(rules):
