@@ -14,6 +14,7 @@ Rules put the checkout's src/ on PYTHONPATH, so no environment installs synthper
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -112,9 +113,10 @@ def load_env(path: Path) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def provided(path: Path) -> set[str]:
-    """PyPI names of the packages an environment's lock was asked for (locks/sources.toml)."""
+    """PyPI names of the packages an environment's lock was asked for (locks/sources.toml),
+    and pip, which conda supplies."""
     packages = tomllib.loads((REPO / "locks" / "sources.toml").read_text())["cluster"]["envs"][path.stem]["packages"]
-    return {canonicalize_name(Requirement(p).name) for p in packages}
+    return {canonicalize_name(Requirement(p).name) for p in packages} | {"pip"}
 
 
 def pyproject_pins() -> dict[str, str]:
@@ -172,6 +174,7 @@ def third_party_needs(rule: str, step_module: str) -> dict[str, str]:
     return needs
 
 
+@functools.cache  # packages_distributions() reads every installed distribution: a second each
 def distribution(import_name: str) -> str:
     """The PyPI distribution that installs an import name (itself when not installed here)."""
     dists = importlib.metadata.packages_distributions().get(import_name, [import_name])
@@ -203,7 +206,7 @@ def test_environment_file_parses_and_its_lock_meets_pyproject(path):
     requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
     assert SpecifierSet(requires).contains(conda["python"].lstrip("=")), f"{path}: python{conda['python']} vs {requires}"
     # the packages asked for; the train env's vLLM comes with trl[vllm], at the releases TRL supports
-    asked, pins = provided(path), pyproject_pins()
+    asked, pins = provided(path) - {"pip"}, pyproject_pins()
     assert asked <= set(locked), f"{path} lacks {asked - set(locked)}"
     for name in asked:
         assert SpecifierSet(pins[name]).contains(locked[name]), f"{path}: {name}=={locked[name]} but pyproject says {pins[name]}"
