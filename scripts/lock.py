@@ -288,25 +288,17 @@ def shared_differences(root: Path, texts: dict[str, str] | None = None) -> list[
     texts = texts or {lock.name: lock.path.read_text() for lock in locks(root)}
     builds = {canonicalize_name(k): canonicalize_name(v) for k, v in src["cpu"]["builds"].items()}
     cpu = {builds.get(n, n): v for n, v in pins(texts["cpu-dev"]).items()}
-    known = src.get("known_differences", {})
-    found = []
+    known, differing = src.get("known_differences", {}), {}
     for lock in cluster_locks(root):
-        for name, version in sorted(pins(texts[lock.name]).items()):
-            if name in cpu and Version(cpu[name]).public != Version(version).public and f"{lock.name}/{name}" not in known:
-                found.append(f"{lock.name}/{name}: {version} on the cluster, {cpu[name]} in cpu-dev")
-    stale = [k for k in known if k.split("/")[0] in texts and not _differs(k, texts, cpu)]
-    found += [f"{k}: listed in known_differences but the versions agree (or one lock lacks it)" for k in stale]
-    return found
-
-
-def _differs(key: str, texts: dict[str, str], cpu: dict[str, str]) -> bool:
-    env, name = key.split("/")
-    mine = pins(texts[env]).get(name)
-    return mine is not None and name in cpu and Version(cpu[name]).public != Version(mine).public
+        for name, version in pins(texts[lock.name]).items():
+            if name in cpu and Version(cpu[name]).public != Version(version).public:
+                differing[f"{lock.name}/{name}"] = f"{version} on the cluster, {cpu[name]} in cpu-dev"
+    found = [f"{key}: {what}" for key, what in sorted(differing.items()) if key not in known]
+    return found + [f"{key}: listed in known_differences but the versions agree (or one lock lacks it)" for key in known if key not in differing]
 
 
 def check(root: Path) -> list[str]:
-    """Offline: every lock's inputs digest and every conda file are current, shared versions agree."""
+    """Offline: every lock is as new as its inputs, and the versions the CPU and cluster locks share agree."""
     problems, texts = [], {}
     for lock in locks(root):
         if not lock.path.is_file():
@@ -331,7 +323,9 @@ def write(root: Path, out: Path | None = None) -> dict[str, str]:
             done = pool.map(lambda lock: resolve(lock, root, texts.get(lock.after), Path(work)), ready)
             for lock, text in zip(ready, done):
                 texts[lock.name] = text
-                (out / lock.path.name if out else lock.path).write_text(text)
+                target = out / lock.path.name if out else lock.path
+                if not target.is_file() or target.read_text() != text:  # an unchanged lock keeps its time: make reinstalls nothing
+                    target.write_text(text)
                 print(f"{lock.name}: {len(pins(text))} packages", file=sys.stderr)
             todo = [lock for lock in todo if lock not in ready]
     return texts
