@@ -5,6 +5,7 @@ differences, and this environment installed from the CPU lock."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import shutil
@@ -24,7 +25,7 @@ spec.loader.exec_module(lock)
 def checkout(tmp_path) -> Path:
     """A copy of what the locks depend on, to change."""
     shutil.copy(REPO / "pyproject.toml", tmp_path)
-    for folder in ("locks", "envs"):
+    for folder in ("locks", "envs", "containers"):
         shutil.copytree(REPO / folder, tmp_path / folder)
     return tmp_path
 
@@ -44,6 +45,18 @@ def test_a_floor_moved_without_a_new_lock_fails_the_check(checkout):
     assert {"locks/cpu-dev.txt", "locks/cpu-demo.txt", "locks/login.linux-64.txt", "envs/llm.yaml", "envs/train.yaml"} <= stale
     assert "envs/data.yaml" not in stale
     assert all("run `make lock`" in p for p in problems)
+
+
+def test_the_apptainer_image_follows_the_conda_files(checkout):
+    """containers/synthpert.def puts each environment where Snakemake looks for it: at the md5
+    of its conda file (the same prefixes as `snakemake --containerize` printed)."""
+    definition = (REPO / "containers" / "synthpert.def").read_text()
+    for env in ("data", "derive", "evaluate", "llm", "train"):
+        md5 = hashlib.md5((REPO / "envs" / f"{env}.yaml").read_bytes()).hexdigest()
+        assert f"envs/{env}.yaml /conda-envs/{md5}/environment.yaml" in definition
+    path = checkout / "envs" / "data.yaml"
+    path.write_text(path.read_text() + "# a change\n")
+    assert lock.check(checkout) == ["containers/synthpert.def does not match envs/*.yaml: run `make lock`"]
 
 
 def test_a_shared_version_that_differs_must_be_listed(checkout):
