@@ -8,8 +8,8 @@ Sub-actions of `synthpert plots`:
   prediction and "unparsed"), row-normalised colours with counts written in; a grid of
   panels, so that many rows stay readable at page width.
 - `views`: one of tables 1-4 as a dot plot, a line per row, the published numbers marked.
-  Tables 1-2: a panel per cell line with the three AUROC views of each computed row (per
-  gene, pooled from scores, the paper's protocol with its 20% subsets' mean +- SD) and the
+  Tables 1-2: a panel per cell line with the four AUROC views of each computed row (per
+  gene, per perturbation, pooled from scores, the paper's protocol with its 20% subsets' mean +- SD) and the
   reported rows' printed numbers. Tables 3-4: a panel per printed metric (accuracy, F1 per
   class) of the pooled (`all`) or held-out cell line.
 - `grades`: critic grade counts per cell line, from a CSV with columns `grade, cell, n`.
@@ -341,8 +341,8 @@ def main(args: argparse.Namespace) -> None:
 
 def _view_title(stem: str) -> str:
     what = {
-        "table1": "Table 1: differential expression AUROC, three views",
-        "table2": "Table 2: direction AUROC, three views",
+        "table1": "Table 1: differential expression AUROC, four views",
+        "table2": "Table 2: direction AUROC, four views",
         "table3": "Table 3: three-class answers, default split",
         "table4": "Table 4: three-class answers, held-out cell line",
     }
