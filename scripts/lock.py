@@ -57,6 +57,8 @@ class Lock:
     about: str
     platform: str
     options: list[str] = field(default_factory=list)  # further uv options that decide the result
+    overrides: list[str] = field(default_factory=list)  # requirements replaced (uv --override), sources.toml says why
+    constraints: list[str] = field(default_factory=list)  # what the overrides must not move (uv --constraint)
     after: str | None = None  # the lock this one follows (its versions as preferences or constraints)
     constrain: bool = False  # the `after` lock's versions as constraints (else as preferences)
     source: list[str] = field(default_factory=list)  # where uv finds torch+cpu: decides nothing else, not an input
@@ -122,6 +124,8 @@ def locks(root: Path) -> list[Lock]:
             f"`make test`: the project with extras {', '.join(cpu['dev_extras'])}, CPU builds (locks/sources.toml [cpu]).",
             cpu["platform"],
             leave_out,
+            overrides=cpu.get("overrides", []),
+            constraints=cpu.get("constraints", []),
             source=torch_source,
         ),
         Lock(
@@ -131,6 +135,8 @@ def locks(root: Path) -> list[Lock]:
             f"`make demo`: the project with extras {', '.join(cpu['demo_extras'])}, at cpu-dev's versions.",
             cpu["platform"],
             leave_out,
+            overrides=cpu.get("overrides", []),
+            constraints=cpu.get("constraints", []),
             after="cpu-dev",
             constrain=True,
             source=torch_source,
@@ -180,6 +186,8 @@ def inputs(lock: Lock, root: Path, after_text: str | None) -> dict:
         "platform": lock.platform,
         "exclude_newer": src["exclude_newer"],
         "options": lock.options,
+        "overrides": lock.overrides,
+        "constraints": lock.constraints,
         "after": lock.after and {"lock": lock.after, "constrain": lock.constrain, "pins": sorted(pins(after_text).items())},
     }
 
@@ -197,6 +205,8 @@ def header(lock: Lock, root: Path, after_text: str | None) -> str:
         f"# Inputs sha256: {digest(lock, root, after_text)}",
         "# Requirements:",
         *(f"#   {r}" for r in lock.requirements),
+        *(f"# Override (locks/sources.toml says why): {o}" for o in lock.overrides),
+        *(f"# Constraint (locks/sources.toml says why): {c}" for c in lock.constraints),
     ]
     return "\n".join(lines) + "\n"
 
@@ -220,6 +230,12 @@ def resolve(lock: Lock, root: Path, after_text: str | None, work: Path) -> str:
         "--exclude-newer", src["exclude_newer"], "--generate-hashes", "--no-header",
         *lock.options, *lock.source,
     ]  # fmt: skip
+    if lock.overrides:
+        (work / f"{lock.name}.overrides.txt").write_text("\n".join(lock.overrides) + "\n")
+        cmd += ["--override", f"{lock.name}.overrides.txt"]
+    if lock.constraints:
+        (work / f"{lock.name}.pins.txt").write_text("\n".join(lock.constraints) + "\n")
+        cmd += ["--constraint", f"{lock.name}.pins.txt"]
     if after_text is not None:
         builds = {canonicalize_name(k): v for k, v in src["cpu"]["builds"].items()}
         versions = "".join(f"{builds.get(n, n)}=={Version(v).public}\n" for n, v in sorted(pins(after_text).items()))

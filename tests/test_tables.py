@@ -152,7 +152,10 @@ def run_tables(
 
 
 def cell_columns(cell: str) -> list[str]:
-    views = ("auroc_per_gene", "n_genes", "auroc_pooled", "auroc_paper", "n", "n_failed")
+    views = (
+        *("auroc_per_gene", "n_genes", "auroc_per_pert", "ap_per_pert", "n_perts"),
+        *("auroc_pooled", "auroc_paper", "n", "n_failed"),
+    )
     subsets = ("auroc_paper_subsets_mean", "auroc_paper_subsets_sd", "n_subset")
     return [f"{cell}_{c}" for c in (*views, *subsets)]
 
@@ -177,6 +180,11 @@ def test_table1_three_auroc_views_with_reported_rows(workdir):
     good = t.row(0, named=True)
     # k562 gA: (0: .1, 2: .9) -> 1; gB: (1: .8, 0: .2) -> 1; pooled over 4 tuples -> 1
     assert good["K562_auroc_per_gene"] == 1.0 and good["K562_n_genes"] == 2
+    # per perturbation: T1 (q0 .1 not DE, q2 .8 DE) and T2 (q3 .2, q1 .9) both ranked right;
+    # rpe1's U1 and U2 have one tuple each: no perturbation with both classes
+    assert good["K562_auroc_per_pert"] == 1.0 and good["K562_ap_per_pert"] == 1.0
+    assert good["K562_n_perts"] == 2
+    assert good["RPE1_auroc_per_pert"] is None and good["RPE1_n_perts"] == 0
     assert good["K562_auroc_pooled"] == 1.0 and good["K562_n"] == 4
     # rpe1 gA: DE .7 vs unparsed .5 -> 1
     assert good["RPE1_auroc_per_gene"] == 1.0 and good["RPE1_n"] == 2
@@ -189,6 +197,8 @@ def test_table1_three_auroc_views_with_reported_rows(workdir):
     assert good["paper"] is None and good["source"] is None
     bad = t.row(1, named=True)
     assert bad["K562_auroc_per_gene"] == 0.5 and bad["K562_auroc_pooled"] == 0.5
+    # constant scores: every pair tied (0.5); one threshold, precision 1/2 at recall 1
+    assert bad["K562_auroc_per_pert"] == 0.5 and bad["K562_ap_per_pert"] == 0.5
     assert bad["K562_auroc_paper"] == 0.5  # "not DE" everywhere: every hard score 0
     reported = t.row(2, named=True)
     assert reported["kind"] == "reported" and reported["source"] == "paper table 1"

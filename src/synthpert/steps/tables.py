@@ -1,8 +1,11 @@
 """Tables 1-4 of the paper from the predictions of every model row.
 
-- Table 1 (DE) and table 2 (direction): AUROC per cell line under three views.
+- Table 1 (DE) and table 2 (direction): AUROC per cell line under four views.
   PerturbQA's per-gene AUROC (`{Cell}_auroc_per_gene`, with the genes averaged
-  `{Cell}_n_genes`) and one pooled AUROC (`{Cell}_auroc_pooled`, with its tuples
+  `{Cell}_n_genes`: the perturbations ranked for one target gene), the per-perturbation
+  view (`{Cell}_auroc_per_pert` and average precision `{Cell}_ap_per_pert`, averaged over
+  `{Cell}_n_perts` perturbations with both classes: the genes ranked within one knockdown,
+  a screen's ranking) and one pooled AUROC (`{Cell}_auroc_pooled`, with its tuples
   `{Cell}_n`) rank the scores: `score_de` of the `de3` rows against label != 0; `score_up`
   of the `dir` rows against label == 2. The SynthPert paper's protocol
   (`{Cell}_auroc_paper`, same `{Cell}_n` tuples) pools the hard answers mapped to 1 / 0 /
@@ -50,6 +53,7 @@ from synthpert.evaluation.metrics import (
     auroc_per_gene,
     auroc_pooled,
     bootstrap_three_class,
+    per_perturbation,
     three_class_metrics,
 )
 from synthpert.evaluation.predictions import load_predictions, ordered_cells, without_failures
@@ -165,12 +169,16 @@ def auroc_table(
             part = mine.filter(pl.col("cell") == cell).sort("qid")
             truth = part.select(positive).to_series()
             per_gene = auroc_per_gene(part["gene"], truth, part[score])
+            per_pert = per_perturbation(part["pert"], truth, part[score])
             pooled = auroc_pooled(truth, part[score])
             paper = auroc_paper(truth, part["pred"], task)
             subsets = auroc_paper_subsets(truth, part["pred"], task, seed)
             name = display_cell(cell)
             record[f"{name}_auroc_per_gene"] = _nan_to_none(per_gene.value)
             record[f"{name}_n_genes"] = per_gene.n_genes
+            record[f"{name}_auroc_per_pert"] = _nan_to_none(per_pert.auroc)
+            record[f"{name}_ap_per_pert"] = _nan_to_none(per_pert.ap)
+            record[f"{name}_n_perts"] = per_pert.n_perts
             record[f"{name}_auroc_pooled"] = _nan_to_none(pooled.value)
             record[f"{name}_auroc_paper"] = _nan_to_none(paper.value)
             record[f"{name}_n"] = pooled.n
