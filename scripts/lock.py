@@ -116,30 +116,25 @@ def locks(root: Path) -> list[Lock]:
         else ["--extra-index-url", cpu["torch_index"], "--index-strategy", "unsafe-best-match"]
     )
     leave_out = [o for p in cpu["leave_out"] for o in ("--no-emit-package", p)]
+    # what every CPU lock shares: the platform, the builds left out, overrides and torch's source
+    shared = dict(platform=cpu["platform"], options=leave_out, overrides=cpu.get("overrides", []),
+                  constraints=cpu.get("constraints", []), source=torch_source)  # fmt: skip
     found = [
         Lock(
             "cpu-dev",
             root / "locks" / "cpu-dev.txt",
             extras_requirements(root, cpu["dev_extras"]),
             f"`make test`: the project with extras {', '.join(cpu['dev_extras'])}, CPU builds (locks/sources.toml [cpu]).",
-            cpu["platform"],
-            leave_out,
-            overrides=cpu.get("overrides", []),
-            constraints=cpu.get("constraints", []),
-            source=torch_source,
+            **shared,
         ),
         Lock(
             "cpu-demo",
             root / "locks" / "cpu-demo.txt",
             extras_requirements(root, cpu["demo_extras"]),
             f"`make demo`: the project with extras {', '.join(cpu['demo_extras'])}, at cpu-dev's versions.",
-            cpu["platform"],
-            leave_out,
-            overrides=cpu.get("overrides", []),
-            constraints=cpu.get("constraints", []),
             after="cpu-dev",
             constrain=True,
-            source=torch_source,
+            **shared,
         ),
     ]
     found.append(

@@ -121,8 +121,10 @@ def _deseq2_fit(control: np.ndarray, treated: np.ndarray, gene_names: list[str],
     return stats.results_df["log2FoldChange"].to_numpy(), stats.results_df["pvalue"].to_numpy()
 
 
-def wilcoxon(screen: Screen, min_mean_count: float, threads: int = 1) -> tuple[np.ndarray, Iterator[Result]]:
-    """The tested genes, and scanpy's Wilcoxon rank-sum test of every perturbation."""
+def log_normalised_cells(screen: Screen, min_mean_count: float):
+    """The tested genes, and the compared cells (AnnData, `obs.group`) normalised to
+    `NORMALISED_TOTAL` counts on every gene, log1p-transformed, then cut to the tested genes
+    (var names: their positions): what the per-cell tests (Wilcoxon, pdex) read."""
     import anndata as ad
     import pandas as pd
     import scanpy as sc
@@ -135,6 +137,14 @@ def wilcoxon(screen: Screen, min_mean_count: float, threads: int = 1) -> tuple[n
     sc.pp.log1p(adata)
     adata = adata[:, genes].copy()
     adata.var_names = [str(i) for i in range(genes.size)]  # positions among the tested genes
+    return genes, adata
+
+
+def wilcoxon(screen: Screen, min_mean_count: float, threads: int = 1) -> tuple[np.ndarray, Iterator[Result]]:
+    """The tested genes, and scanpy's Wilcoxon rank-sum test of every perturbation."""
+    import scanpy as sc
+
+    genes, adata = log_normalised_cells(screen, min_mean_count)
     log.info("Wilcoxon rank-sum test: %d perturbations x %d genes", len(screen.perts), genes.size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -156,20 +166,11 @@ def _wilcoxon_results(screen: Screen, table, n_genes: int) -> Iterator[Result]:
 
 
 def pdex(screen: Screen, min_mean_count: float, threads: int = 1) -> tuple[np.ndarray, Iterator[Result]]:
-    """The tested genes, and Arc's pdex (Mann-Whitney U per gene) of every perturbation."""
-    import anndata as ad
-    import pandas as pd
-    import scanpy as sc
+    """The tested genes, and Arc's pdex (Mann-Whitney U per gene) of every perturbation, on
+    cells normalised as cell-eval normalises them before pdex."""
     from pdex import pdex as run_pdex
 
-    counts, groups = compared_cells(screen)
-    genes = tested_genes(np.asarray(counts.mean(axis=0)).ravel(), min_mean_count)
-    obs = pd.DataFrame({"group": pd.Categorical(groups)}, index=[str(i) for i in range(len(groups))])
-    adata = ad.AnnData(X=counts, obs=obs)
-    sc.pp.normalize_total(adata, target_sum=NORMALISED_TOTAL)  # as cell-eval does before pdex
-    sc.pp.log1p(adata)
-    adata = adata[:, genes].copy()
-    adata.var_names = [str(i) for i in range(genes.size)]  # positions among the tested genes
+    genes, adata = log_normalised_cells(screen, min_mean_count)
     log.info("pdex (Mann-Whitney U): %d perturbations x %d genes", len(screen.perts), genes.size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
