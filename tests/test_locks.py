@@ -10,6 +10,7 @@ import importlib.metadata
 import importlib.util
 import shutil
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,10 @@ def test_this_environment_is_installed_from_the_cpu_lock():
     """`make test` installs locks/cpu-dev.txt: every package at its locked version, nothing
     but the project itself and pip's own tools besides, and none of the left-out CUDA builds."""
     locked = lock.pins((REPO / "locks" / "cpu-dev.txt").read_text())
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    # the venv's own site-packages, not sys.path: what other tests put on the path (a folder
+    # they work in, as the current directory) is not what `make test` installed
+    venv = sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")})
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions(path=venv)}
     wrong = {name: (version, installed.get(name)) for name, version in locked.items() if installed.get(name) != version}
     assert not wrong, f"(locked, installed): {wrong}"
     extra = set(installed) - set(locked) - {"synthpert", "pip", "setuptools", "wheel"}
