@@ -247,7 +247,7 @@ class BudgetGuard(SpendingGuard):
             if self.exhausted:
                 return STOP
         usd = self.worst_usd(request)
-        rid = f"{self.scope}#{key}#{_process(os.getpid())['pid']}.{next(self._attempts)}"
+        rid = f"{self.scope}#{key}#{os.getpid()}.{next(self._attempts)}"
         extra = {"scope": self.scope, "key": key, "price": dataclasses.asdict(self.price), "batch": self.batch}
         verdict, why = self.ledger.reserve(rid, usd, self.step, self.caps, **extra)
         if verdict == STOP and self.ledger.reconcile():  # killed jobs' answers arrived since: room again?
