@@ -2,10 +2,9 @@ import hashlib
 import json
 import re
 import shlex
-from pathlib import Path
 
 from synthpert.core import config as cfg
-from synthpert.core import rows, splits
+from synthpert.core import paths, rows, splits
 from synthpert.core import settings as step_settings
 from synthpert.llm.embedded import embedded_dir, is_embedded
 
@@ -28,11 +27,7 @@ SINGLE_ROWS = [r for r in LLM_ROWS if r not in ENGINE_ROWS]
 # Table 4: the first held-out cell line (the paper holds out RPE1).
 HOLDOUT_TABLE_SPLIT = SPLITS[1] if len(SPLITS) > 1 else None
 # critic_select always writes both plain variants; the balanced one only when trained.
-SFT_VARIANTS = [
-    v
-    for v in rows.TRAINED_ROWS
-    if v != "synthpert_balanced" or v in config["train"]["variants"]
-]
+SFT_VARIANTS = rows.sft_variants(config)
 
 
 wildcard_constraints:
@@ -72,7 +67,7 @@ def model_files(name):
 
 def trace_shards(wildcards):
     return [
-        f"results/traces/{wildcards.split}/{cell}/{shard}.graded.parquet"
+        str(paths.graded_shard(wildcards.split, cell, shard))
         for cell in splits.train_cells(config, wildcards.split)
         for shard in range(config["traces"]["shards"])
     ]
@@ -81,9 +76,9 @@ def trace_shards(wildcards):
 def predictions(split, row):
     cells = splits.test_cells(config, split)
     if row in BASELINE_ROWS:
-        return [f"results/predictions/{split}/{row}/{cell}.parquet" for cell in cells]
+        return [str(paths.predictions(split, row, cell)) for cell in cells]
     return [
-        f"results/predictions/{split}/{row}/{cell}/{shard}.parquet"
+        str(paths.predictions(split, row, cell, shard))
         for cell in cells
         for shard in range(config["evaluate"]["shards"])
     ]
@@ -139,14 +134,14 @@ def row_model(wildcards):
 def row_adapter(wildcards):
     """The fine-tuned adapter of a trained row."""
     if wildcards.row in rows.ADAPTER_ROWS:
-        return [str(rows.adapter_dir(wildcards.split, wildcards.row))]
+        return [str(paths.adapter_dir(wildcards.split, wildcards.row))]
     return []
 
 
 def engine_adapters(wildcards):
     """The adapters of the fine-tuned rows among ENGINE_ROWS, in their order."""
     return [
-        str(rows.adapter_dir(wildcards.split, row))
+        str(paths.adapter_dir(wildcards.split, row))
         for row in ENGINE_ROWS
         if row in rows.ADAPTER_ROWS
     ]
@@ -154,7 +149,7 @@ def engine_adapters(wildcards):
 
 def rl_start_adapter(wildcards):
     """The SFT adapter a GRPO row continues (`synthpert_grpo`: the `synthpert` adapter)."""
-    return str(rows.adapter_dir(wildcards.split, rows.RL_ROWS[wildcards.rl_row]))
+    return str(paths.adapter_dir(wildcards.split, rows.RL_ROWS[wildcards.rl_row]))
 
 
 TABLE_SPLIT = {"1": "default", "2": "default", "3": "default", "4": HOLDOUT_TABLE_SPLIT}
@@ -164,8 +159,8 @@ def table_inputs(wildcards):
     split = TABLE_SPLIT[wildcards.n]
     return {
         "predictions": all_predictions(split),
-        "split_file": f"results/data/splits/{split}.parquet",
-        "questions": f"results/eval/{split}/questions.parquet",
+        "split_file": str(paths.split_table(split)),
+        "questions": str(paths.questions(split)),
     }
 
 
@@ -182,18 +177,13 @@ def screen_inputs(wildcards):
     """The split table, the files of the screen's model, and the adapter of a trained row
     (names resolve as in `synthpert ask`: `models:` first, then model rows)."""
     split = screen_split(wildcards)
-    screen = step_settings.for_step(config, "screen", model=wildcards.model)
-    name = (
-        wildcards.model
-        if wildcards.model in config["models"]
-        else rows.row_model_name(wildcards.model, config)
-    )
+    name, trained = rows.model_entry(wildcards.model, config)
     inputs = {
-        "split_file": f"results/data/splits/{split}.parquet",
+        "split_file": str(paths.split_table(split)),
         "model": model_files(name),
     }
-    if screen.trained:
-        inputs["adapter"] = str(rows.adapter_dir(split, wildcards.model))
+    if trained:
+        inputs["adapter"] = str(paths.adapter_dir(split, wildcards.model))
     return inputs
 
 
@@ -244,10 +234,7 @@ def plan_model_files():
     return [f for name in sorted(names) for f in model_files(name)]
 
 
-def request_logs_digest(wildcards):
-    """Names and sizes of the request logs under results/: as a params of the plan, it redoes
-    the plan once an answer was added (the logs are no rule's output)."""
-    state = sorted(
-        f"{p}:{p.stat().st_size}" for p in Path("results").glob("**/*.requests.jsonl")
-    )
-    return hashlib.sha256("\n".join(state).encode()).hexdigest()[:16]
+def existing_request_logs(wildcards):
+    """The request logs the configured jobs have written so far (known paths, never a
+    glob): inputs of the plan, so it is redone when one is added or grows."""
+    return [str(p) for p in paths.request_logs(config) if p.is_file()]

@@ -3,6 +3,7 @@ rule plan:
         samples=expand("results/traces/{split}/sample.parquet", split=SPLITS),
         questions=expand("results/eval/{split}/questions.parquet", split=SPLITS),
         models=plan_model_files(),
+        logs=existing_request_logs,
     output:
         "results/plan.csv",
     log:
@@ -16,7 +17,6 @@ rule plan:
         config_digest=hashlib.sha256(
             json.dumps(config, sort_keys=True).encode()
         ).hexdigest()[:16],
-        logs=request_logs_digest,
         config=lambda wildcards, resources: json.dumps(config, sort_keys=True),
     shell:
         "python -m synthpert plan --config-json {params.config:q} --results results --out {output} 2> {log}"

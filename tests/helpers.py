@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -47,3 +50,40 @@ def random_adapter(model, folder):
     config = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     get_peft_model(base, config).save_pretrained(folder)
     return folder
+
+
+LOAD_RULES = """
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings, StorageSettings
+
+snakefile, configfile, workdir = map(Path, sys.argv[1:])
+with SnakemakeApi(OutputSettings()) as api:
+    workflow = api.workflow(
+        resource_settings=ResourceSettings(),
+        config_settings=ConfigSettings(configfiles=[configfile]),
+        storage_settings=StorageSettings(),
+        snakefile=snakefile,
+        workdir=workdir,
+    )._workflow
+    rules = {
+        r.name: {
+            "conda": r.conda_env and str((Path(r.snakefile).parent / r.conda_env).resolve()),
+            "shell": r.shellcmd,
+            "output": [str(f) for f in r.output],
+        }
+        for r in workflow.rules
+        if not r.norun
+    }
+print(json.dumps(rules))
+"""
+
+
+def load_rules(configfile: Path, workdir: Path) -> dict[str, dict]:
+    """Each rule of the workflow under `configfile`: its conda file, shell command (as
+    Snakemake compares it for re-runs) and outputs, as declared."""
+    args = [str(REPO / "Snakefile"), str(configfile), str(workdir)]
+    done = subprocess.run([sys.executable, "-c", LOAD_RULES, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

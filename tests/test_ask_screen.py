@@ -26,7 +26,7 @@ from synthpert.core.settings import Generation
 from synthpert.errors import CommandError
 from synthpert.evaluation.answers import answer_records, build_requests
 from synthpert.llm.requests import Response
-from synthpert.tools import ask, screen
+from synthpert.tools import ask, question, screen
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "perturbqa-demo"
@@ -135,56 +135,56 @@ def test_unknown_names_stop_with_the_closest_known(ws, capsys, change, message):
 
 
 def test_unknown_names_pass_with_allow_unknown(ws, caplog):
-    known = ask.measured_genes(ws.table, CELL)
-    assert ask.resolve_names("gene", ["ftl", "NOTAGENE"], known, True, "measured") == ["FTL", "NOTAGENE"]
+    known = question.measured_genes(ws.table, CELL)
+    assert question.resolve_names("gene", ["ftl", "NOTAGENE"], known, True, "measured") == ["FTL", "NOTAGENE"]
     assert "NOTAGENE" in caplog.text
     with pytest.raises(CommandError, match="NOTAGENE; no similar name"):
-        ask.resolve_names("gene", ["NOTAGENE"], known, False, "measured")
+        question.resolve_names("gene", ["NOTAGENE"], known, False, "measured")
 
 
 def test_unseen_perturbations_and_cell_lines_are_flagged(ws):
-    assert ask.training_notes(ws.table, CELL, "ADNP2", "default") == []  # a K562 training perturbation
-    (note,) = ask.training_notes(ws.table, CELL, PERT, "default")
+    assert question.training_notes(ws.table, CELL, "ADNP2", "default") == []  # a K562 training perturbation
+    (note,) = question.training_notes(ws.table, CELL, PERT, "default")
     assert "never perturbed in the training rows" in note
     holdout = pl.read_parquet(ws.results / "data" / "splits" / "rpe1_holdout.parquet")
-    assert ask.training_notes(holdout, CELL, PERT, "rpe1_holdout") == []  # every K562 row trains there
-    notes = ask.training_notes(holdout, "rpe1", "HSPA8", "rpe1_holdout")
+    assert question.training_notes(holdout, CELL, PERT, "rpe1_holdout") == []  # every K562 row trains there
+    notes = question.training_notes(holdout, "rpe1", "HSPA8", "rpe1_holdout")
     assert len(notes) == 2 and "RPE1 has no training rows" in notes[1]
 
 
 def test_model_resolution(ws, tmp_path):
-    settings = ask.load_config(ws.config)
+    settings = question.load_config(ws.config)
     adapter = ws.results / "models" / "default" / "synthpert" / "adapter"
 
-    by_path = ask.resolve_model(str(adapter), settings, "default", ws.results)
+    by_path = question.resolve_model(str(adapter), settings, "default", ws.results)
     assert (by_path.name, by_path.split, by_path.adapter) == ("synthpert", "default", str(adapter))
     assert by_path.spec == settings["models"]["student"]  # the configured model with the adapter's base
 
-    assert ask.resolve_model("teacher", settings, "default", ws.results).adapter is None
-    assert ask.resolve_model("base", settings, "default", ws.results).spec == settings["models"]["student"]
+    assert question.resolve_model("teacher", settings, "default", ws.results).adapter is None
+    assert question.resolve_model("base", settings, "default", ws.results).spec == settings["models"]["student"]
 
     foreign = tmp_path / "my_adapter"
     foreign.mkdir()
     (foreign / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/other-model"}))
-    other = ask.resolve_model(str(foreign), settings, "default", ws.results)
+    other = question.resolve_model(str(foreign), settings, "default", ws.results)
     assert other.name == "my_adapter" and other.split is None
-    assert other.spec == {**ask.model_defaults(), "backend": "local", "model": "org/other-model"}
+    assert other.spec == {**question.model_defaults(), "backend": "local", "model": "org/other-model"}
     assert other.spec["batch_size"] == 8 and other.spec["dtype"] == "auto"  # the schema's defaults
 
     with pytest.raises(CommandError, match="is not a PEFT adapter"):
-        ask.resolve_model(str(tmp_path), settings, "default", ws.results)
+        question.resolve_model(str(tmp_path), settings, "default", ws.results)
 
 
 def test_load_config_fills_defaults_and_rejects_bad_values(ws, tmp_path):
-    config = ask.load_config(ws.config)
+    config = question.load_config(ws.config)
     assert config["models"]["student"]["max_retries"] == 6  # a schema default, absent from the file
     bad = yaml.safe_load(ws.config.read_text())
     bad["train"]["batch_size"] = "four"
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(CommandError, match="'four' is not of type 'integer'"):
-        ask.load_config(tmp_path / "bad.yaml")
+        question.load_config(tmp_path / "bad.yaml")
     with pytest.raises(CommandError, match="not found"):
-        ask.load_config(tmp_path / "missing.yaml")
+        question.load_config(tmp_path / "missing.yaml")
 
 
 # --------------------------------------------------------------------------- screen
@@ -194,7 +194,7 @@ def test_screen_ranks_writes_and_agrees_with_measurement(ws, tmp_path):
     genes = tmp_path / "genes.txt"
     genes.write_text("# four genes\nhspa1a, FTL\nAATF\nALDOA\n")
     out = ws.root / "screens" / f"{PERT}.csv"
-    settings = step_settings("screen", ask.load_config(ws.config), model="synthpert")
+    settings = step_settings("screen", question.load_config(ws.config), model="synthpert")
     argv = ["screen", "--model", "synthpert", "--cell", "k562", "--pert", PERT, "--genes", str(genes),
             "--settings", settings.params_json(), "--run", settings.run_json(),
             "--results", str(ws.results), "--out", str(out)]  # fmt: skip
@@ -245,10 +245,10 @@ def test_screen_with_an_unknown_gene_writes_nothing(ws, tmp_path, capsys):
 
 
 def test_all_measured_gene_list(ws):
-    genes = ask.measured_genes(ws.table, CELL)
+    genes = question.measured_genes(ws.table, CELL)
     k562 = ws.table.filter(pl.col("cell") == CELL)
     assert genes == sorted(set(k562["gene"])) and len(genes) > 500
-    rows = ask.question_rows(ws.table, CELL, PERT, genes)
+    rows = question.question_rows(ws.table, CELL, PERT, genes)
     assert rows.height == len(genes) and rows["qid"].n_unique() == len(genes)
     measured = k562.filter(pl.col("pert") == PERT)
     assert rows["label"].is_not_null().sum() == measured.height

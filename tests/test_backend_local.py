@@ -7,7 +7,7 @@ import math
 import pytest
 
 from synthpert.errors import CommandError
-from synthpert.llm.identity import adapter_digest
+from synthpert.llm.model import adapter_digest
 from synthpert.llm.local import LocalBackend
 from synthpert.llm.requests import Request, RequestLog, SpendingGuard
 

@@ -18,7 +18,7 @@ from fake_openai import FakeOpenAI, default_answer, hang, rate_limited, rejected
 
 from synthpert.errors import CommandError
 from synthpert.llm.backends import make_backend
-from synthpert.llm.identity import api_identity
+from synthpert.llm.model import api_identity
 from synthpert.llm.openai_api import OpenAIBackend
 from synthpert.llm.requests import Request, RequestLog, SpendingGuard, run_requests
 
@@ -241,7 +241,7 @@ import json, sys
 sys.path.insert(0, {tests!r})
 from test_backend_openai import questions, fast_backend
 from synthpert.llm.requests import RequestLog
-from synthpert.llm.identity import api_identity
+from synthpert.llm.model import api_identity
 spec, log_path, n = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 fast_backend(spec).run(questions(n), RequestLog(log_path))
 """

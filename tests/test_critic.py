@@ -14,7 +14,7 @@ from synthpert.core.labels import CLASS_NAMES, UP
 from synthpert.core.prompts import GRADES, SYSTEM_PROMPT, question_messages
 from synthpert.core.settings import CriticGrade, CriticSelect
 from synthpert.errors import CommandError
-from synthpert.llm.requests import request_log_path
+from synthpert.core.paths import request_log_path
 from synthpert.steps.critic import balanced_kept, grade_traces, kept_expr, select
 from synthpert.steps.traces import TRACE_SCHEMA
 

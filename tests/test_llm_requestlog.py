@@ -7,7 +7,8 @@ import json
 import pytest
 
 from synthpert.errors import CommandError
-from synthpert.llm.backends import api_key, make_backend
+from synthpert.llm.backends import make_backend
+from synthpert.llm.model import api_key
 from synthpert.llm.requests import Request, RequestLog, Response, SpendingGuard, log_records, plan
 
 

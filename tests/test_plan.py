@@ -18,7 +18,7 @@ from test_rerun import small_config
 
 from synthpert.core.pricing import Price
 from synthpert.core.settings import Sample
-from synthpert.llm.identity import api_identity
+from synthpert.llm.model import api_identity
 from synthpert.llm.requests import RequestLog, Response
 from synthpert.llm.step_requests import generator_requests, trace_shard
 from synthpert.steps.plan import build_plan, summary

@@ -8,7 +8,8 @@ import pytest
 from helpers import demo_config, random_adapter, step_settings
 
 from synthpert import cli
-from synthpert.core.rows import adapter_dir, engine_rows
+from synthpert.core.paths import adapter_dir
+from synthpert.core.rows import engine_rows
 from synthpert.errors import CommandError
 from synthpert.steps.predict import row_adapters
 

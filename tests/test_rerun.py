@@ -1,6 +1,10 @@
 """The workflow re-runs exactly what changed, checked with the real Snakemake on a small
 finished run: settings that only change how steps run plan nothing, a new row plans only
-its own jobs, and retrained weights answer afresh under new request keys."""
+its own jobs, and retrained weights answer afresh under new request keys.
+
+The finished run is written by an earlier version of the workflow (`PREVIOUS`, taken from
+this repository's history), so every test here also checks that a results folder survives
+an upgrade: this version re-runs none of its jobs and pays for none of its answers again."""
 
 from __future__ import annotations
 
@@ -11,12 +15,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 import yaml
 from helpers import change
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data" / "perturbqa-demo"
+# The last version before the model settings got one owner (llm/model.py, core/paths.py):
+# its rules, settings and request keys must still be this version's.
+PREVIOUS = "e90fe5d77c1b4cdf93104f79dbb6b416da7343d3"
 EXPENSIVE = {"fetch", "prepare", "trace_sample", "traces", "critic_grade", "critic_select", "train", "questions", "predict"}
 
 
@@ -37,10 +45,10 @@ def small_config() -> dict:
     return config
 
 
-def snakemake(work: Path, config: dict, *args: str, timeout: int = 1500) -> str:
+def snakemake(work: Path, config: dict, *args: str, timeout: int = 1500, repo: Path = REPO) -> str:
     path = work / f"config-{abs(hash(json.dumps(config, sort_keys=True)))}.yaml"
     path.write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(work)]
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(repo / "Snakefile"), "--directory", str(work)]
     done = subprocess.run(
         [*cmd, "--cores", "2", *args, "--configfile", str(path)], capture_output=True, text=True, timeout=timeout
     )
@@ -59,16 +67,46 @@ def planned(log: str) -> list[tuple[str, dict]]:
     return jobs
 
 
+def previous_version(folder: Path) -> Path:
+    """The workflow as it was at `PREVIOUS` (its rules run its own src/)."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", PREVIOUS], capture_output=True)
+    assert archive.returncode == 0, f"git archive {PREVIOUS}: {archive.stderr.decode()[-500:]} (a clone with history is needed)"
+    folder.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder
+
+
+def request_logs(work: Path) -> dict[str, str]:
+    return {str(p.relative_to(work)): p.read_text() for p in sorted(work.glob("results/**/*.requests.jsonl"))}
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, embedded_model) -> tuple[Path, dict]:
-    """A finished run of the small configuration."""
+    """A finished run of the small configuration, written by the previous version; this
+    version finds nothing to do in it."""
     work = tmp_path_factory.mktemp("rerun")
     (work / "resources" / "models").mkdir(parents=True)
     (work / "resources" / "models" / embedded_model.name).symlink_to(embedded_model)
     config = small_config()
-    snakemake(work, config)
+    snakemake(work, config, repo=previous_version(tmp_path_factory.mktemp("previous") / "workflow"))
     assert "Nothing to be done" in snakemake(work, config, "-n")
     return work, config
+
+
+@pytest.mark.slow
+def test_this_version_pays_for_no_answer_the_previous_one_logged(finished):
+    """Every request of the run is answered under this version's keys: the plan sends
+    nothing, and predict jobs forced to run again add no line to any request log."""
+    work, config = finished
+    before = request_logs(work)
+    assert any("/predictions/" in name for name in before) and any("/traces/" in name for name in before)
+    snakemake(work, config, "results/plan.csv")
+    plan = pl.read_csv(work / "results" / "plan.csv")
+    assert plan.height and plan["to_send"].sum() == 0, plan.select("step", "row", "requests", "to_send")
+    snakemake(work, config, "--forcerun", "predict", "results/table3.csv")
+    assert request_logs(work) == before
+    predict_log = (work / "logs" / "predict" / "default" / "synthpert" / "k562" / "0.log").read_text()
+    assert "already answered" in predict_log, predict_log[-2000:]
 
 
 @pytest.mark.slow

@@ -13,7 +13,8 @@ from synthpert.cli import main as cli_main
 from synthpert.core.labels import CLASS_NAMES, DOWN, NOT_DE, UP
 from synthpert.core.settings import Sample, Traces
 from synthpert.errors import CommandError, ConfigError
-from synthpert.llm.requests import Request, RequestLog, Response, SpendingGuard, plan, request_log_path
+from synthpert.core.paths import request_log_path
+from synthpert.llm.requests import Request, RequestLog, Response, SpendingGuard, plan
 from synthpert.steps.traces import draw_sample, run_shard, usage_path
 
 LABEL_OF_SYSTEM = {f"is given to you {name}.": cls for cls, name in CLASS_NAMES.items()}

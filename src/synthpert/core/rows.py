@@ -3,7 +3,7 @@ adapter, and which `models:` entry each model row asks."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from synthpert.errors import ConfigError
 
 BASELINE_ROWS = ("majority", "transfer", "gene_prior", "knn")  # computed without a language model
 TRAINED_ROWS = ("synthpert", "sft_data", "synthpert_balanced")  # the variants `train` can fit
@@ -20,6 +20,25 @@ def row_model_name(row: str, config: dict) -> str:
     return config["traces"]["model"] if row == "teacher" else config["train"]["model"]
 
 
+def model_entry(name: str, config: dict) -> tuple[str, bool]:
+    """What a model name asks (a screen's model, `synthpert ask --model`): the `models:`
+    entry of that name, else the entry a model row asks; and whether it answers with a
+    trained adapter (a fine-tuned row)."""
+    if name in config["models"]:
+        return name, False
+    if name in LLM_ROWS:
+        return row_model_name(name, config), name in ADAPTER_ROWS
+    raise ConfigError(
+        f"model {name!r} is neither in models: {sorted(config['models'])} nor a model row {sorted(LLM_ROWS)}"
+    )
+
+
+def sft_variants(config: dict) -> list[str]:
+    """The SFT tables `critic select` writes: the plain variants always, the balanced one
+    when it is trained."""
+    return [v for v in TRAINED_ROWS if v != "synthpert_balanced" or v in config["train"]["variants"]]
+
+
 def engine_rows(config: dict) -> list[str]:
     """The rows one vLLM engine answers together in each evaluation shard: the student's
     base and fine-tuned rows, when the student is served by `vllm` (its base weights are
@@ -29,16 +48,3 @@ def engine_rows(config: dict) -> list[str]:
         return []
     together = [r for r in config["evaluate"]["rows"] if r in LLM_ROWS and row_model_name(r, config) == student]
     return together if len(together) > 1 else []
-
-
-def adapter_dir(split: str, row: str, results: str | Path = "results") -> Path:
-    """Where `train` writes the PEFT adapter of a trained row, and where it is read from."""
-    return Path(results) / "models" / split / row / "adapter"
-
-
-def adapter_layout(path: str | Path) -> tuple[str, str] | None:
-    """(split, row) of an adapter folder laid out as `adapter_dir` lays it out, else None."""
-    path = Path(path).resolve()
-    if path.name == "adapter" and path.parent.parent.parent.name == "models":
-        return path.parent.parent.name, path.parent.name
-    return None

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from synthpert.core import rows
-from synthpert.errors import CommandError, ConfigError
+from synthpert.errors import CommandError
 
 RUN = {"run": True}
 
@@ -278,7 +278,7 @@ class CriticSelect(Settings):
 
     @classmethod
     def from_config(cls, config: dict, **_) -> CriticSelect:
-        balanced = "synthpert_balanced" in config["train"]["variants"]
+        balanced = "synthpert_balanced" in rows.sft_variants(config)
         return cls(tuple(config["critic"]["keep_grades"]), config["traces"]["sample"]["seed"], balanced)
 
 
@@ -400,15 +400,8 @@ class Screen(Settings):
 
     @classmethod
     def from_config(cls, config: dict, model: str, **_) -> Screen:
-        if model in config["models"]:
-            return cls(_model(config, model), Generation.of(config["evaluate"]["generation"]), False)
-        if model not in rows.LLM_ROWS:
-            raise ConfigError(
-                f"screen model {model!r} is neither in models: {sorted(config['models'])} "
-                f"nor a model row {sorted(rows.LLM_ROWS)}"
-            )
-        name = rows.row_model_name(model, config)
-        return cls(_model(config, name), Generation.of(config["evaluate"]["generation"]), model in rows.ADAPTER_ROWS)
+        name, trained = rows.model_entry(model, config)
+        return cls(_model(config, name), Generation.of(config["evaluate"]["generation"]), trained)
 
 
 @dataclass(frozen=True)

@@ -1,41 +1,12 @@
-"""Building the backend of one `models:` entry (`openai`, `local`, `vllm`)."""
+"""The factory: the backend of one `models:` entry (`openai`, `local`, `vllm`). What names and
+loads a model is `llm.model`'s; each backend imports it, never this module."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 from synthpert.errors import CommandError
 from synthpert.llm.requests import Backend
-
-
-def api_key(spec: dict) -> str:
-    """The API key from the environment variable the spec names ("" when it names none,
-    for endpoints without authentication). The value never appears in a message."""
-    name = spec.get("api_key_env", "OPENAI_API_KEY")
-    if name is None:
-        return ""
-    value = os.environ.get(name, "")
-    if not value.strip():
-        raise CommandError(
-            f"the API key for model {spec.get('model')!r} is read from the environment variable "
-            f"{name}, which is not set (or empty); export {name}=... first"
-        )
-    return value.strip()
-
-
-def resolve_local_model(model: str) -> str:
-    """An `embedded:` model becomes its converted folder (which must exist already)."""
-    from synthpert.llm.embedded import is_embedded, local_path
-
-    path = local_path(model)
-    if is_embedded(model) and not (Path(path) / "config.json").exists():
-        raise CommandError(
-            f"the embedded model {model!r} is not converted yet ({path} is missing); run the "
-            f"embedded-model rule first (synthpert embedded-model --out {path})"
-        )
-    return path
 
 
 def make_backend(spec: dict, adapter: str | None = None) -> Backend:

@@ -12,7 +12,7 @@ is scored as log P(option + `</option_tag>` | prompt + context + `<option_tag>`)
 over its tokens, in one forward pass per request. With `max_new_tokens=0` nothing is
 generated and the options are scored right after the prefill (grading by likelihood).
 
-The model id in content addresses (`llm.identity.local_identity`) names the weights, the adapter
+The model id in content addresses (`llm.model.local_identity`) names the weights, the adapter
 and the chat template by content, so a base model, its fine-tuned variants and a
 retrained adapter never share answers.
 """
@@ -29,9 +29,8 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from synthpert.errors import CommandError
-from synthpert.llm.backends import resolve_local_model
-from synthpert.llm.identity import local_identity, resolve_dtype
-from synthpert.llm.prompting import check_adapter, encode, load_tokenizer, render
+from synthpert.llm.model import load_local
+from synthpert.llm.prompting import encode, render
 from synthpert.llm.requests import Request, RequestLog, Response, SpendingGuard, plan
 
 logger = logging.getLogger(__name__)
@@ -40,20 +39,16 @@ class LocalBackend:
     """A causal LM in this process; see the module docstring."""
 
     def __init__(self, spec: dict, adapter: str | None = None) -> None:
-        path = resolve_local_model(spec["model"])
-        check_adapter(adapter)
+        named = load_local(spec, adapter)
         self.batch_size = int(spec.get("batch_size", 8))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype_name = resolve_dtype(spec.get("dtype", "auto"))
-        dtype = getattr(torch, dtype_name)
-        self.tokenizer = load_tokenizer(spec, path)
+        dtype = getattr(torch, named.dtype)
+        self.tokenizer = named.tokenizer
         try:
-            lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=spec.get("revision"))
+            lm = AutoModelForCausalLM.from_pretrained(named.path, dtype=dtype, revision=spec.get("revision"))
         except OSError as err:
-            raise CommandError(f"cannot load model {spec['model']!r} from {path}: {err}") from None
-        naming = (spec["model"], spec.get("revision"), str(self.tokenizer.chat_template), dtype_name, adapter)
-        self.model = local_identity(*naming)
-        self.legacy_models = (local_identity(*naming, legacy=True),)
+            raise CommandError(f"cannot load model {spec['model']!r} from {named.path}: {err}") from None
+        self.model, self.legacy_models = named.identity, named.legacy
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -38,8 +38,7 @@ from tqdm import tqdm
 
 from synthpert.core.io import atomic_path
 from synthpert.errors import CommandError
-from synthpert.llm.backends import api_key
-from synthpert.llm.identity import api_identity, legacy_api_identities
+from synthpert.llm.model import api_identity, api_key, legacy_api_identities
 from synthpert.llm.requests import (
     OK,
     WAIT,

@@ -40,7 +40,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -378,9 +378,18 @@ def final_keys(records: list[dict]) -> set[str]:
     return {key for key, done in final.items() if done}
 
 
-def request_log_path(out: Path) -> Path:
-    """`<out without .parquet>.requests.jsonl`: the append-only log of one output."""
-    return out.with_name(out.name.removesuffix(".parquet") + ".requests.jsonl")
+def answered_in(requests: Sequence[Request], models: set[str], records: list[dict]) -> Iterator[tuple[Request, bool]]:
+    """Each distinct request once (requests equal under some id of `models` are one), with
+    whether `records` hold a final line for it under any of those ids. No ids (a model that
+    cannot be named here): every request is distinct and unanswered."""
+    answered = final_keys(records)
+    seen: set[str] = set()
+    for request in requests:
+        keys = {request.key(m) for m in models} or {request.key("")}
+        if keys & seen:
+            continue
+        seen |= keys
+        yield request, bool(keys & answered)
 
 
 def run_requests(backend, requests: list[Request], log: RequestLog, guard: SpendingGuard | None, desc: str) -> list[Response]:

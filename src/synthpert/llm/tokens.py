@@ -103,7 +103,8 @@ def openai_counter(model: str) -> TokenCounter:
 
 def local_counter(spec: dict, path: str) -> TokenCounter:
     """The model's own tokenizer and chat template (the prefill included), else an estimate."""
-    from synthpert.llm.prompting import encode, load_tokenizer, render
+    from synthpert.llm.model import load_tokenizer
+    from synthpert.llm.prompting import encode, render
 
     try:
         tokenizer = load_tokenizer(spec, path)

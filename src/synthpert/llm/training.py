@@ -18,7 +18,7 @@ import torch
 
 from synthpert.core.io import atomic_path
 from synthpert.errors import CommandError
-from synthpert.llm.identity import resolve_dtype
+from synthpert.llm.model import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ SAVE_TOTAL_LIMIT = 2  # checkpoints kept on disk: the newest and one spare
 
 
 def precision(dtype_setting: str = "auto", load_in_4bit: bool = False) -> tuple[Any, str]:
-    """(torch dtype to load the student in, name): `llm.identity.resolve_dtype`, so a model
+    """(torch dtype to load the student in, name): `llm.model.resolve_dtype`, so a model
     trains in the precision its answers are keyed under."""
     cuda = torch.cuda.is_available()
     if load_in_4bit and not cuda:

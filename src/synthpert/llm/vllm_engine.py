@@ -1,7 +1,7 @@
 """The `vllm` backend: in-process vLLM (`vllm.LLM`) behind the one chat interface.
 
 Same requests, same answers, same content addresses as the `local` backend (the model
-id is `llm.identity.local_identity` of the same weights, chat template, dtype and adapter, so the
+id is `llm.model.local_identity` of the same weights, chat template, dtype and adapter, so the
 two backends share request-log lines), but every pending request of a job goes to the
 engine at once (continuous batching, paged KV cache, prefix caching).
 
@@ -81,9 +81,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from synthpert.errors import CommandError
-from synthpert.llm.backends import resolve_local_model
-from synthpert.llm.identity import local_identity, resolve_dtype
-from synthpert.llm.prompting import check_adapter, encode, load_tokenizer, render
+from synthpert.llm.model import check_adapter, load_local, resolve_dtype, resolve_local_model
+from synthpert.llm.prompting import encode, render
 from synthpert.llm.requests import Request, RequestLog, Response, SpendingGuard, plan
 
 logger = logging.getLogger(__name__)
@@ -242,14 +241,9 @@ class VLLMBackend:
 
     def __init__(self, spec: dict, adapter: str | None = None, engine: Engine | None = None) -> None:
         self.spec = spec
-        self.path = resolve_local_model(spec["model"])
-        self.adapter = None if adapter is None else str(adapter)
-        check_adapter(self.adapter)
-        self.dtype = resolve_dtype(spec.get("dtype", "auto"))
-        self.tokenizer = load_tokenizer(spec, self.path)
-        naming = (spec["model"], spec.get("revision"), str(self.tokenizer.chat_template), self.dtype, self.adapter)
-        self.model = local_identity(*naming)
-        self.legacy_models = (local_identity(*naming, legacy=True),)
+        named = load_local(spec, adapter)
+        self.path, self.adapter, self.dtype, self.tokenizer = named.path, named.adapter, named.dtype, named.tokenizer
+        self.model, self.legacy_models = named.identity, named.legacy
         self.max_model_len = int(spec.get("max_model_len", ENGINE_DEFAULTS["max_model_len"]))
         eos = {self.tokenizer.eos_token_id}
         generation_config = Path(self.path) / "generation_config.json"

@@ -38,7 +38,8 @@ from synthpert.core.settings import CriticGrade, CriticSelect
 from synthpert.errors import CommandError
 from synthpert.llm.backends import make_backend
 from synthpert.llm.budget import spending_guard
-from synthpert.llm.requests import RequestLog, Response, request_log_path, run_requests
+from synthpert.core.paths import request_log_path
+from synthpert.llm.requests import RequestLog, Response, run_requests
 from synthpert.llm.step_requests import critic_mode, critic_requests
 
 log = logging.getLogger(__name__)

@@ -43,8 +43,8 @@ from synthpert.core.settings import Generation, Grpo, Sample
 from synthpert.errors import CommandError
 from synthpert.evaluation.answers import qid_expr, question_request
 from synthpert.evaluation.rewards import TASK, CompletionRewards
-from synthpert.llm.backends import resolve_local_model
-from synthpert.llm.prompting import check_adapter, encode, load_tokenizer, render
+from synthpert.llm.model import check_adapter, load_tokenizer, resolve_local_model
+from synthpert.llm.prompting import encode, render
 from synthpert.llm.training import fingerprint, move_into_place, peak_memory, precision, resume_point, trainer_arguments
 
 log = logging.getLogger(__name__)

@@ -28,17 +28,16 @@ from pathlib import Path
 
 import polars as pl
 
+from synthpert.core import paths, splits
 from synthpert.core import rows as table_rows
-from synthpert.core import splits
 from synthpert.core.config import load as load_config
 from synthpert.core.io import write_csv
 from synthpert.core.pricing import Price
 from synthpert.core.settings import Model, for_step
 from synthpert.errors import CommandError, ConfigError
 from synthpert.evaluation.answers import build_requests, question_shard
-from synthpert.llm.embedded import is_embedded, local_path
-from synthpert.llm.identity import api_identity, legacy_api_identities, local_identity, possible_dtypes
-from synthpert.llm.requests import Request, final_keys, log_records, request_log_path
+from synthpert.llm.model import possible_identities, resolve_local_model
+from synthpert.llm.requests import Request, answered_in, log_records
 from synthpert.llm.step_requests import (
     critic_mode,
     critic_requests,
@@ -94,12 +93,12 @@ def trace_jobs(config: dict, results: Path) -> list[Job]:
     settings = for_step(config, "traces")
     jobs = []
     for split in splits.splits(config):
-        sample = _read(results / "traces" / split / "sample.parquet", "the trace sample")
+        sample = _read(paths.trace_sample(split, results), "the trace sample")
         for cell in splits.train_cells(config, split):
             for shard in range(settings.shards):
-                out = results / "traces" / split / cell / f"{shard}.parquet"
+                log_path = paths.request_log_path(paths.trace_shard(split, cell, shard, results))
                 rows = trace_shard(sample, cell, shard, settings.shards)
-                jobs.append(Job("traces", config["traces"]["model"], "", generator_requests(rows, settings), request_log_path(out)))
+                jobs.append(Job("traces", config["traces"]["model"], "", generator_requests(rows, settings), log_path))
     return jobs
 
 
@@ -109,11 +108,11 @@ def critic_jobs(config: dict, results: Path, reasoning_tokens: float) -> list[Jo
     mode = critic_mode(settings)
     jobs = []
     for split in splits.splits(config):
-        sample = _read(results / "traces" / split / "sample.parquet", "the trace sample")
+        sample = _read(paths.trace_sample(split, results), "the trace sample")
         for cell in splits.train_cells(config, split):
             for shard in range(config["traces"]["shards"]):
-                traces = results / "traces" / split / cell / f"{shard}.parquet"
-                graded_log = request_log_path(traces.with_name(f"{shard}.graded.parquet"))
+                traces = paths.trace_shard(split, cell, shard, results)
+                graded_log = paths.request_log_path(paths.graded_shard(split, cell, shard, results))
                 if traces.is_file():
                     todo = pl.read_parquet(traces).filter(pl.col("reasoning").is_not_null())
                     jobs.append(Job("critic", config["critic"]["model"], "", critic_requests(todo, settings, mode), graded_log))
@@ -128,19 +127,19 @@ def critic_jobs(config: dict, results: Path, reasoning_tokens: float) -> list[Jo
 def evaluate_jobs(config: dict, results: Path) -> list[Job]:
     jobs = []
     for split in splits.splits(config):
-        questions = _read(results / "eval" / split / "questions.parquet", "the questions")
+        questions = _read(paths.questions(split, results), "the questions")
         for row in config["evaluate"]["rows"]:
             if row not in table_rows.LLM_ROWS:
                 continue
             settings = for_step(config, "predict", row=row)
-            adapter = table_rows.adapter_dir(split, row, results) if row in table_rows.TRAINED_ROWS else None
+            adapter = paths.adapter_dir(split, row, results) if row in table_rows.ADAPTER_ROWS else None
             for cell in splits.test_cells(config, split):
                 for shard in range(settings.shards):
                     asked = question_shard(questions, cell, shard, settings.shards)
                     requests = build_requests(asked, settings.generation, settings.model.local)
-                    out = results / "predictions" / split / row / cell / f"{shard}.parquet"
-                    jobs.append(Job("evaluate", table_rows.row_model_name(row, config), row, requests,
-                                    request_log_path(out), adapter=adapter))  # fmt: skip
+                    log_path = paths.request_log_path(paths.predictions(split, row, cell, shard, results))
+                    jobs.append(Job("evaluate", table_rows.row_model_name(row, config), row, requests, log_path,
+                                    adapter=adapter))  # fmt: skip
     return jobs
 
 
@@ -151,9 +150,10 @@ def model_view(settings: Model) -> ModelView:
     """The token counter of a model, and (filled per adapter by `identities`) its identities."""
     if settings.backend == "openai":
         return ModelView(settings, openai_counter(settings.model))
-    path = local_path(settings.model)
-    if is_embedded(settings.model) and not (Path(path) / "config.json").is_file():
-        return ModelView(settings, estimate(f"{path} is not converted yet"))
+    try:
+        path = resolve_local_model(settings.model)
+    except CommandError:
+        return ModelView(settings, estimate(f"{settings.model} is not converted yet"))
     return ModelView(settings, local_counter(settings.spec(), path))
 
 
@@ -161,21 +161,13 @@ def identities(view: ModelView, adapter: Path | None) -> set[str]:
     """Every id the model's answers can carry in a request log: a local model's precision
     `auto` is bfloat16 on a GPU and float32 on a CPU, so both count. None for an adapter
     not trained yet, or a local model whose tokenizer cannot be loaded here."""
-    if adapter in view.identities:
-        return view.identities[adapter]
-    spec = view.settings
-    if spec.backend == "openai":
-        ids = {api_identity(spec.spec()), *legacy_api_identities(spec.spec())}
-    elif view.counter.name.startswith("estimate") or (adapter is not None and not (adapter / "adapter_config.json").is_file()):
-        ids = set()
-    else:
-        from synthpert.llm.prompting import load_tokenizer
-
-        template = str(load_tokenizer(spec.spec(), local_path(spec.model)).chat_template)
-        ids = {local_identity(spec.model, spec.revision, template, d, adapter, legacy=old)
-               for d in possible_dtypes(spec.dtype) for old in (False, True)}  # fmt: skip
-    view.identities[adapter] = ids
-    return ids
+    if adapter not in view.identities:
+        spec = view.settings
+        unnamed = spec.local and (
+            view.counter.name.startswith("estimate") or (adapter is not None and not (adapter / "adapter_config.json").is_file())
+        )
+        view.identities[adapter] = set() if unnamed else possible_identities(spec.spec(), adapter)
+    return view.identities[adapter]
 
 
 # --- the plan ------------------------------------------------------------------------------
@@ -197,15 +189,10 @@ def tally(jobs: list[Job], view: ModelView) -> Tally:
     for job in jobs:
         ids = identities(view, job.adapter)
         records = log_records(job.log)  # one read, read-only: jobs may be appending
-        answered = final_keys(records)  # a transient failure is asked again: still to pay
-        seen: set[str] = set()
-        for request in job.requests:
-            keys = {request.key(i) for i in ids} or {request.key("")}
-            if keys & seen:
-                continue
-            seen |= keys
+        # A transient failure is not final: it is asked again, so still to pay.
+        for request, answered in answered_in(job.requests, ids, records):
             total.requests += 1
-            if keys & answered:
+            if answered:
                 total.answered += 1
                 continue
             total.to_send += 1

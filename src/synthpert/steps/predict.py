@@ -25,7 +25,8 @@ import polars as pl
 
 from synthpert.core.arguments import add_settings_arguments
 from synthpert.core.io import write_parquet
-from synthpert.core.rows import ADAPTER_ROWS, adapter_layout
+from synthpert.core.paths import adapter_layout, request_log_path
+from synthpert.core.rows import ADAPTER_ROWS
 from synthpert.core.settings import Predict
 from synthpert.errors import CommandError
 from synthpert.evaluation.answers import (
@@ -37,7 +38,7 @@ from synthpert.evaluation.answers import (
 )
 from synthpert.llm.backends import backend_family
 from synthpert.llm.budget import spending_guard
-from synthpert.llm.requests import RequestLog, request_log_path, run_requests
+from synthpert.llm.requests import RequestLog, run_requests
 
 log = logging.getLogger(__name__)
 

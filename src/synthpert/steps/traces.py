@@ -27,7 +27,8 @@ from synthpert.core.settings import Sample, Traces, TraceSample
 from synthpert.errors import CommandError
 from synthpert.llm.backends import make_backend
 from synthpert.llm.budget import spending_guard
-from synthpert.llm.requests import RequestLog, request_log_path, run_requests
+from synthpert.core.paths import request_log_path
+from synthpert.llm.requests import RequestLog, run_requests
 from synthpert.llm.step_requests import generator_requests, trace_shard
 
 log = logging.getLogger(__name__)

@@ -49,6 +49,7 @@ from synthpert.core.arguments import add_settings_arguments
 from synthpert.core.io import write_csv
 from synthpert.core.settings import Train
 from synthpert.errors import CommandError
+from synthpert.llm.model import resolve_local_model
 from synthpert.llm.training import fingerprint, move_into_place, peak_memory, precision, resume_point, trainer_arguments
 
 log = logging.getLogger(__name__)
@@ -75,13 +76,6 @@ class ChatTemplate:
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def model_path(name: str) -> str:
-    """HF id or folder of a model; `embedded:` models are converted once if missing."""
-    from synthpert.llm.embedded import ensure_embedded_model, is_embedded, local_path
-
-    return str(ensure_embedded_model(local_path(name))) if is_embedded(name) else name
 
 
 def read_conversations(path: str | os.PathLike) -> list[list[dict[str, str]]]:
@@ -307,7 +301,7 @@ def train(data, cfg: Train, out_dir, checkpoint_dir=None) -> dict[str, Any]:
         raise CommandError(f"the student {cfg.model.model!r} must use backend 'local' or 'vllm', not {cfg.model.backend!r}")
     dtype, dtype_name = precision(cfg.model.dtype, cfg.load_in_4bit)  # fails before loading anything
     conversations = read_conversations(data)
-    student = model_path(cfg.model.model)
+    student = resolve_local_model(cfg.model.model)
 
     tokenizer = AutoTokenizer.from_pretrained(student, revision=cfg.model.revision)
     template = resolve_chat_template(tokenizer, cfg.chat_template)

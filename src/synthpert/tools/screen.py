@@ -33,7 +33,7 @@ from synthpert.core.io import atomic_path, write_csv, write_parquet
 from synthpert.core.labels import CLASS_NAMES, DOWN, NOT_DE, UP, display_cell
 from synthpert.errors import CommandError
 from synthpert.evaluation.metrics import auroc_pooled, three_class_metrics
-from synthpert.tools import ask
+from synthpert.tools import question
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def rank(preds: pl.DataFrame, rows: pl.DataFrame, model: str) -> pl.DataFrame:
     class_name = pl.col("pred").replace_strict(CLASS_NAMES, default=None, return_dtype=pl.String)
     measured_name = pl.col("label").replace_strict(CLASS_NAMES, default=None, return_dtype=pl.String)
     reasoning = pl.struct("raw_text", "finish_reason").map_elements(
-        lambda r: ask.reasoning_text(r["raw_text"], r["finish_reason"]), return_dtype=pl.String
+        lambda r: question.reasoning_text(r["raw_text"], r["finish_reason"]), return_dtype=pl.String
     )
     return (
         preds.join(rows.select("qid", "role"), on="qid", how="left")
@@ -163,7 +163,7 @@ def _subtitle(summary: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    ask.add_common_arguments(parser)
+    question.add_common_arguments(parser)
     genes = parser.add_mutually_exclusive_group(required=True)
     genes.add_argument("--genes", type=Path, help="file of gene symbols (one per line, or comma separated)")
     genes.add_argument("--all-measured", action="store_true", help="every gene PerturbQA measured in the cell line")
@@ -177,16 +177,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    s = ask.setup(args)
+    s = question.setup(args)
     if args.all_measured:
-        genes = ask.measured_genes(s.table, s.cell)
+        genes = question.measured_genes(s.table, s.cell)
     else:
-        genes = ask.resolve_genes(read_gene_file(args.genes), s.table, s.cell, args.allow_unknown)
+        genes = question.resolve_genes(read_gene_file(args.genes), s.table, s.cell, args.allow_unknown)
     out = args.out or args.results / "screens" / s.model.name / s.cell / f"{s.pert}.csv"
     paths = output_paths(out)
-    rows = ask.question_rows(s.table, s.cell, s.pert, genes)
+    rows = question.question_rows(s.table, s.cell, s.pert, genes)
     log.info("screening %s knockdown in %s: %d genes with %s", s.pert, s.cell, rows.height, s.model.describe())
-    preds = ask.answer(rows, s.model, s.generation, paths["requests"], desc=f"screen {s.pert} {s.cell}")
+    preds = question.answer(rows, s.model, s.generation, paths["requests"], desc=f"screen {s.pert} {s.cell}")
     screen = rank(preds, rows, s.model.name)
     summary = {
         "model": s.model.describe(),
@@ -194,7 +194,7 @@ def main(args: argparse.Namespace) -> None:
         "pert": s.pert,
         "split": s.split,
         "genes": screen.height,
-        "pert_seen_in_training": ask.seen_in_training(s.table, "pert", s.pert),
+        "pert_seen_in_training": question.seen_in_training(s.table, "pert", s.pert),
         "notes": s.notes,
         "predicted": dict(sorted(screen["answer"].fill_null("unparsed").value_counts().iter_rows())),
         **agreement(screen),
