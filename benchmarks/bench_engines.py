@@ -57,7 +57,12 @@ def worker(args) -> None:
 
     from synthpert.llm.requests import Request, RequestLog
 
-    spec = {"model": args.model, "dtype": "float32", "max_model_len": args.max_model_len}
+    from synthpert.core.config import model_entry
+    from synthpert.core.settings import Model
+
+    def spec(**entry) -> Model:
+        return Model.of(model_entry({"model": args.model, "dtype": "float32", **entry}))
+
     requests = build_requests(args.questions, args.max_new_tokens)
     scoring_only = [Request(**{**dataclasses.asdict(r), "max_new_tokens": 0}) for r in requests]
     started = time.perf_counter()
@@ -67,12 +72,13 @@ def worker(args) -> None:
         torch.set_num_threads(args.threads)
         from synthpert.llm.local import LocalBackend
 
-        backend = LocalBackend({**spec, "backend": "local", "batch_size": args.batch_size})
+        backend = LocalBackend(spec(backend="local", batch_size=args.batch_size))
     else:
         from synthpert.llm.vllm_engine import VLLMBackend
 
-        backend = VLLMBackend({**spec, "backend": "vllm", "cpu_threads": args.threads, "kv_cache_space": args.kv_cache_space,
-                               **({"block_size": args.block_size} if args.block_size else {})})
+        engine = {"max_model_len": args.max_model_len, "cpu_threads": args.threads, "kv_cache_space": args.kv_cache_space,
+                  "block_size": args.block_size or None}  # fmt: skip
+        backend = VLLMBackend(spec(backend="vllm", engine=engine))
         backend.engine.start()
     startup = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as tmp:

@@ -77,17 +77,22 @@ def build_requests(n: int, max_new_tokens: int):
 def worker(args) -> None:
     from synthpert.llm.requests import RequestLog
 
-    spec = {"model": args.workdir, "dtype": "bfloat16", "max_model_len": 4096}
+    from synthpert.core.config import model_entry
+    from synthpert.core.settings import Model
+
+    def spec(**entry) -> Model:
+        return Model.of(model_entry({"model": args.workdir, "dtype": "bfloat16", **entry}))
+
     requests = build_requests(args.requests, args.max_new_tokens)
     started = time.perf_counter()
     if args.worker == "local":
         from synthpert.llm.local import LocalBackend
 
-        backend = LocalBackend({**spec, "backend": "local", "batch_size": args.batch_size})
+        backend = LocalBackend(spec(backend="local", batch_size=args.batch_size))
     else:
         from synthpert.llm.vllm_engine import VLLMBackend
 
-        backend = VLLMBackend({**spec, "backend": "vllm", "gpu_memory_utilization": 0.85, "max_num_seqs": 256})
+        backend = VLLMBackend(spec(backend="vllm", engine={"max_model_len": 4096, "gpu_memory_utilization": 0.85, "max_num_seqs": 256}))
         backend.engine.start()
     startup = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as tmp:

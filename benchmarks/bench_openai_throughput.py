@@ -18,10 +18,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from synthpert.core.config import model_entry
+from synthpert.core.settings import Model
 from synthpert.llm.backends import make_backend
 from synthpert.llm.requests import Request, RequestLog
 
 FAKE_SERVER = Path(__file__).resolve().parents[1] / "tests" / "fake_openai.py"
+
+
+def settings_of(entry: dict) -> Model:
+    return Model.of(model_entry(entry))
 
 
 def main() -> None:
@@ -40,7 +46,7 @@ def main() -> None:
     base_url = server.stdout.readline().strip()
     with tempfile.TemporaryDirectory() as tmp:
         backend = make_backend(
-            {
+            settings_of({
                 "backend": "openai",
                 "model": "bench",
                 "base_url": base_url,
@@ -48,7 +54,7 @@ def main() -> None:
                 "max_concurrency": args.concurrency,
                 "max_retries": 0,
                 "timeout_s": 60,
-            }
+            })
         )
         # Warm-up (not timed): the first requests build the SDK's lazy imports and models.
         warmup = [Request(messages=(("user", f"warm-up {i}"),)) for i in range(args.concurrency)]

@@ -177,7 +177,7 @@ def screen_inputs(wildcards):
     """The split table, the files of the screen's model, and the adapter of a trained row
     (names resolve as in `synthpert ask`: `models:` first, then model rows)."""
     split = screen_split(wildcards)
-    name, trained = rows.model_entry(wildcards.model, config)
+    name, trained = rows.model_of(wildcards.model, config)
     inputs = {
         "split_file": str(paths.split_table(split)),
         "model": model_files(name),

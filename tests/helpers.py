@@ -34,6 +34,12 @@ def demo_config(**changes) -> dict:
     return cfg.complete(change(raw, **changes))
 
 
+def model(**entry) -> settings.Model:
+    """The settings of a `models:` entry written in a test (`backend`, `model`, ...),
+    completed with the schema's defaults (`engine={...}` for vLLM's engine settings)."""
+    return settings.Model.of(cfg.model_entry(entry))
+
+
 def step_settings(step: str, config: dict | None = None, **wildcards) -> settings.Settings:
     """The typed settings a rule passes to `step`, from `config` (default: the demo's)."""
     return settings.for_step(config if config is not None else demo_config(), step, **wildcards)

@@ -20,9 +20,9 @@ from helpers import change, step_settings
 
 from synthpert import cli
 from synthpert.core import prompts
-from synthpert.core.config import complete
+from synthpert.core.config import complete, model_entry
 from synthpert.core.labels import CELLS, CLASS_NAMES, NOT_DE, UP, class_probabilities
-from synthpert.core.settings import Generation
+from synthpert.core.settings import Generation, Model
 from synthpert.errors import CommandError
 from synthpert.evaluation.answers import answer_records, build_requests
 from synthpert.llm.requests import Response
@@ -158,18 +158,18 @@ def test_model_resolution(ws, tmp_path):
 
     by_path = question.resolve_model(str(adapter), settings, "default", ws.results)
     assert (by_path.name, by_path.split, by_path.adapter) == ("synthpert", "default", str(adapter))
-    assert by_path.spec == settings["models"]["student"]  # the configured model with the adapter's base
+    assert by_path.model == Model.of(settings["models"]["student"])  # the configured model with the adapter's base
 
     assert question.resolve_model("teacher", settings, "default", ws.results).adapter is None
-    assert question.resolve_model("base", settings, "default", ws.results).spec == settings["models"]["student"]
+    assert question.resolve_model("base", settings, "default", ws.results).model == Model.of(settings["models"]["student"])
 
     foreign = tmp_path / "my_adapter"
     foreign.mkdir()
     (foreign / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/other-model"}))
     other = question.resolve_model(str(foreign), settings, "default", ws.results)
     assert other.name == "my_adapter" and other.split is None
-    assert other.spec == {**question.model_defaults(), "backend": "local", "model": "org/other-model"}
-    assert other.spec["batch_size"] == 8 and other.spec["dtype"] == "auto"  # the schema's defaults
+    assert other.model == Model.of(model_entry({"backend": "local", "model": "org/other-model"}))
+    assert other.model.batch_size == 8 and other.model.dtype == "auto"  # the schema's defaults
 
     with pytest.raises(CommandError, match="is not a PEFT adapter"):
         question.resolve_model(str(tmp_path), settings, "default", ws.results)

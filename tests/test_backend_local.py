@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from helpers import model
 
 from synthpert.errors import CommandError
 from synthpert.llm.model import adapter_digest
@@ -27,7 +28,7 @@ def chat(text: str, max_new_tokens: int = 8, **kwargs) -> Request:
 
 @pytest.fixture(scope="module")
 def backend(embedded_model):
-    return LocalBackend({"backend": "local", "model": str(embedded_model), "batch_size": 4, "dtype": "auto"})
+    return LocalBackend(model(backend="local", model=str(embedded_model), batch_size=4, dtype="auto"))
 
 
 @pytest.fixture
@@ -127,7 +128,7 @@ def test_lora_adapter_is_loaded(embedded_model, backend, tmp_path):
     lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     lora.save_pretrained(tmp_path / "adapter")
 
-    tuned = LocalBackend({"backend": "local", "model": str(embedded_model)}, adapter=str(tmp_path / "adapter"))
+    tuned = LocalBackend(model(backend="local", model=str(embedded_model)), adapter=str(tmp_path / "adapter"))
     assert isinstance(tuned.lm, PeftModel)
     assert tuned.model == f"{backend.model}|adapter:{adapter_digest(tmp_path / 'adapter')}"  # no shared answers
     request = chat("Hi", max_new_tokens=4)
@@ -137,7 +138,7 @@ def test_lora_adapter_is_loaded(embedded_model, backend, tmp_path):
     assert answer.text == base_answer.text
 
     with pytest.raises(CommandError, match="adapter_config.json"):
-        LocalBackend({"backend": "local", "model": str(embedded_model)}, adapter=str(tmp_path))
+        LocalBackend(model(backend="local", model=str(embedded_model)), adapter=str(tmp_path))
 
 
 def test_chat_template_file_replaces_the_tokenizer_one(embedded_model, backend, tmp_path):
@@ -146,8 +147,8 @@ def test_chat_template_file_replaces_the_tokenizer_one(embedded_model, backend, 
         "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}[assistant] {% endif %}"
     )
-    plain = LocalBackend({"backend": "local", "model": str(embedded_model), "chat_template": str(template)})
+    plain = LocalBackend(model(backend="local", model=str(embedded_model), chat_template=str(template)))
     assert plain.render(chat("Hi")) == "[user] Hi\n[assistant] "
     assert plain.model != backend.model and plain.model.split("|")[0] == backend.model.split("|")[0]
     with pytest.raises(CommandError, match="does not exist"):
-        LocalBackend({"backend": "local", "model": str(embedded_model), "chat_template": str(tmp_path / "no.jinja")})
+        LocalBackend(model(backend="local", model=str(embedded_model), chat_template=str(tmp_path / "no.jinja")))

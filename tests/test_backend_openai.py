@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -16,6 +17,9 @@ from pathlib import Path
 import pytest
 from fake_openai import FakeOpenAI, default_answer, hang, rate_limited, rejected_key, reply, server_error
 
+from helpers import model
+
+from synthpert.core.settings import Model
 from synthpert.errors import CommandError
 from synthpert.llm.backends import make_backend
 from synthpert.llm.model import api_identity
@@ -31,7 +35,7 @@ def questions(n: int) -> list[Request]:
     return [Request(messages=(("system", "be brief"), ("user", f"q{i}")), max_new_tokens=32, tag=f"t{i}") for i in range(n)]
 
 
-def spec_for(server: FakeOpenAI, **overrides) -> dict:
+def spec_for(server: FakeOpenAI, **overrides) -> Model:
     spec = {
         "backend": "openai",
         "model": "fake-model",
@@ -42,10 +46,10 @@ def spec_for(server: FakeOpenAI, **overrides) -> dict:
         "timeout_s": 5,
         "batch_api": False,
     }
-    return {**spec, **overrides}
+    return model(**{**spec, **overrides})
 
 
-def fast_backend(spec: dict) -> OpenAIBackend:
+def fast_backend(spec: Model) -> OpenAIBackend:
     backend = make_backend(spec)
     backend.backoff_base_s = 0.01  # keep jittered back-off short in tests
     backend.poll_first_s = backend.poll_cap_s = 0.05
@@ -240,17 +244,17 @@ CHILD = """
 import json, sys
 sys.path.insert(0, {tests!r})
 from test_backend_openai import questions, fast_backend
+from synthpert.core.settings import Model
 from synthpert.llm.requests import RequestLog
-from synthpert.llm.model import api_identity
-spec, log_path, n = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+spec, log_path, n = Model(**json.loads(sys.argv[1])), sys.argv[2], int(sys.argv[3])
 fast_backend(spec).run(questions(n), RequestLog(log_path))
 """
 
 
-def start_child(spec: dict, log_path: Path, n: int) -> subprocess.Popen:
+def start_child(spec: Model, log_path: Path, n: int) -> subprocess.Popen:
     code = CHILD.format(tests=str(TESTS))
     return subprocess.Popen(
-        [sys.executable, "-c", code, json.dumps(spec), str(log_path), str(n)],
+        [sys.executable, "-c", code, json.dumps(dataclasses.asdict(spec)), str(log_path), str(n)],
         env={**os.environ, KEY_ENV: SENTINEL},
         stderr=subprocess.DEVNULL,
     )

@@ -12,12 +12,14 @@ import json
 import math
 
 import pytest
+from helpers import model as settings_of
 from helpers import random_adapter
 
 pytest.importorskip("vllm")
 
 from synthpert.core.labels import CLASS_NAMES, DOWN, NOT_DE, UP  # noqa: E402
 from synthpert.core.prompts import question_messages  # noqa: E402
+from synthpert.core.settings import Model  # noqa: E402
 from synthpert.errors import CommandError  # noqa: E402
 from synthpert.llm.backends import backend_family  # noqa: E402
 from synthpert.llm.local import LocalBackend  # noqa: E402
@@ -41,8 +43,10 @@ def graded(request: Request) -> Request:
     return Request(**{**dataclasses.asdict(request), "max_new_tokens": 0})
 
 
-def spec(model) -> dict:
-    return {"model": str(model), "dtype": "float32", "max_model_len": 1024, "kv_cache_space": 1, "batch_size": 4}
+def spec(model, backend: str, **engine) -> Model:
+    """The embedded model as a `models:` entry of `backend`, with vLLM engine settings."""
+    return settings_of(backend=backend, model=str(model), dtype="float32", batch_size=4,
+                       engine={"max_model_len": 1024, "kv_cache_space": 1, **engine})  # fmt: skip
 
 
 REQUESTS = [question(*q) for q in QUESTIONS] + [graded(question(*q)) for q in QUESTIONS]
@@ -51,14 +55,14 @@ REQUESTS = [question(*q) for q in QUESTIONS] + [graded(question(*q)) for q in QU
 @pytest.fixture(scope="module")
 def reference(embedded_model, tmp_path_factory):
     """The local backend's answers (and model id), computed before any engine starts."""
-    local = LocalBackend({**spec(embedded_model), "backend": "local"})
+    local = LocalBackend(spec(embedded_model, "local"))
     answers = local.run(REQUESTS, RequestLog(tmp_path_factory.mktemp("local") / "log.jsonl"))
     return local.model, answers
 
 
 @pytest.fixture(scope="module")
 def backend(reference, embedded_model):
-    vllm = VLLMBackend({**spec(embedded_model), "backend": "vllm"})
+    vllm = VLLMBackend(spec(embedded_model, "vllm"))
     yield vllm
     vllm.close()
 
@@ -128,8 +132,8 @@ def test_spending_guard_claims_each_request(backend, tmp_path):
 
 
 def test_engine_settings_do_not_enter_the_key(backend, embedded_model):
-    other = VLLMBackend({**spec(embedded_model), "backend": "vllm", "max_num_seqs": 3, "gpu_memory_utilization": 0.5,
-                         "enable_prefix_caching": False, "max_model_len": 900})
+    other = VLLMBackend(spec(embedded_model, "vllm", max_num_seqs=3, gpu_memory_utilization=0.5,
+                             enable_prefix_caching=False, max_model_len=900))
     assert other.model == backend.model and other.engine.llm is None  # nothing started
 
 
@@ -139,10 +143,10 @@ def test_an_adapter_answers_as_through_peft(embedded_model, backend, tmp_path):
     `predict` uses for several rows (on a CPU the adapter is merged into the weights)."""
     adapter = str(random_adapter(embedded_model, tmp_path / "adapter"))
     requests = REQUESTS[:3]
-    peft = LocalBackend({**spec(embedded_model), "backend": "local"}, adapter=adapter)
+    peft = LocalBackend(spec(embedded_model, "local"), adapter=adapter)
     want = peft.run(requests, RequestLog(tmp_path / "peft.jsonl"))
     backend.close()  # one engine at a time on 2 cores
-    family = backend_family({**spec(embedded_model), "backend": "vllm"}, [adapter])
+    family = backend_family(spec(embedded_model, "vllm"), [adapter])
     for tuned in family:
         assert tuned.model == peft.model  # the same answers, the same keys
         got = tuned.run(requests, RequestLog(tmp_path / "vllm.jsonl"))
@@ -159,7 +163,7 @@ def test_a_request_whose_scoring_would_not_fit_is_refused_before_generation(back
     the engine generates anything (a paid generation would otherwise fail after the fact)."""
     request = question(*QUESTIONS[0])
     prompt = len(backend._encode(backend.render(request) + request.prefill))
-    small = VLLMBackend({**spec(embedded_model), "backend": "vllm", "max_model_len": prompt + request.max_new_tokens + 3})
+    small = VLLMBackend(spec(embedded_model, "vllm", max_model_len=prompt + request.max_new_tokens + 3))
     with pytest.raises(CommandError, match=r"tokens to score its answer options exceed max_model_len .*Raise max_model_len"):
         small.run([request], RequestLog(tmp_path / "log.jsonl"))
     assert small.engine.llm is None and not (tmp_path / "log.jsonl").exists()

@@ -19,6 +19,7 @@ import polars as pl
 import pytest
 from fake_openai import FakeOpenAI
 from helpers import demo_config, step_settings
+from helpers import model as settings_of
 
 from synthpert.core.pricing import Price
 from synthpert.core.settings import Sample
@@ -262,8 +263,8 @@ def test_batch_api_submits_what_fits_at_half_price_and_says_why_it_stopped(tmp_p
     cap = 4.5 * worst  # four reservations fit, the fifth does not
     with FakeOpenAI() as server:
         server.batches_done.set()
-        backend = make_backend({"backend": "openai", "model": "fake-model", "base_url": server.base_url,
-                                "api_key_env": KEY_ENV, "batch_api": True})  # fmt: skip
+        backend = make_backend(settings_of(**{"backend": "openai", "model": "fake-model", "base_url": server.base_url,
+                                "api_key_env": KEY_ENV, "batch_api": True}))  # fmt: skip
         backend.poll_first_s = backend.poll_cap_s = 0.05
         ledger = Ledger(tmp_path / "ledger.jsonl")
         guard = BudgetGuard(ledger, "evaluate", {"evaluate": cap, None: None}, price, True, "log")

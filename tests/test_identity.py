@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import model as settings_of
 
 from synthpert.core.digest import folder_digest, text_digest
 from synthpert.llm.model import OPENAI_URL, api_identity, canonical_url, local_identity
@@ -114,10 +115,10 @@ def test_equal_numbers_and_endpoints_written_differently_are_one_key():
     assert Request(messages=messages, temperature=0.7).key("m") != Request(messages=messages, temperature=0.75).key("m")
     with pytest.raises(ValueError, match="whole number"):
         Request(messages=messages, max_new_tokens=64.5)
-    ids = {api_identity({"model": "m", "base_url": url}) for url in
+    ids = {api_identity(settings_of(backend="openai", model="m", base_url=url)) for url in
            ("http://Host:8000/v1", "http://host:8000/v1/", "http://host:8000//v1", " http://host:8000/v1 ")}  # fmt: skip
     assert ids == {"m@http://host:8000/v1"}
-    assert {api_identity({"model": "m", "base_url": u}) for u in (None, "", OPENAI_URL, OPENAI_URL + "/",
+    assert {api_identity(settings_of(backend="openai", model="m", base_url=u)) for u in (None, "", OPENAI_URL, OPENAI_URL + "/",
                                                                   "https://API.openai.com:443/v1")} == {"m"}  # fmt: skip
     assert canonical_url("https://user:secret@host/v1") == "https://host/v1"  # no credentials in a key or a log
 

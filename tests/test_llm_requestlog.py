@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import model as settings_of
 
 from synthpert.errors import CommandError
 from synthpert.llm.backends import make_backend
@@ -146,21 +147,21 @@ def test_spending_guard_limits():
 
 def test_api_key_from_named_variable(monkeypatch):
     monkeypatch.setenv("SYNTHPERT_KEY_X", "sk-secret-value")
-    assert api_key({"model": "m", "api_key_env": "SYNTHPERT_KEY_X"}) == "sk-secret-value"
-    assert api_key({"model": "m", "api_key_env": None}) == ""  # endpoint without authentication
+    assert api_key(settings_of(backend="openai", model="m", api_key_env="SYNTHPERT_KEY_X")) == "sk-secret-value"
+    assert api_key(settings_of(backend="openai", model="m", api_key_env=None)) == ""  # endpoint without authentication
     monkeypatch.setenv("SYNTHPERT_KEY_X", "  ")
     with pytest.raises(CommandError, match="SYNTHPERT_KEY_X"):
-        api_key({"model": "m", "api_key_env": "SYNTHPERT_KEY_X"})
+        api_key(settings_of(backend="openai", model="m", api_key_env="SYNTHPERT_KEY_X"))
     monkeypatch.delenv("SYNTHPERT_KEY_X")
     with pytest.raises(CommandError, match="SYNTHPERT_KEY_X"):
-        api_key({"model": "m", "api_key_env": "SYNTHPERT_KEY_X"})
+        api_key(settings_of(backend="openai", model="m", api_key_env="SYNTHPERT_KEY_X"))
 
 
 def test_make_backend_errors(tmp_path, monkeypatch):
     with pytest.raises(CommandError, match="backend must be"):
-        make_backend({"backend": "carrier-pigeon", "model": "m"})
+        make_backend(settings_of(backend="carrier-pigeon", model="m"))
     with pytest.raises(CommandError, match="adapter"):
-        make_backend({"backend": "openai", "model": "m", "api_key_env": None}, adapter="some/adapter")
+        make_backend(settings_of(backend="openai", model="m", api_key_env=None), adapter="some/adapter")
     monkeypatch.chdir(tmp_path)  # no resources/models here
     with pytest.raises(CommandError, match="embedded-model"):
-        make_backend({"backend": "local", "model": "embedded:smollm2-135m-instruct"})
+        make_backend(settings_of(backend="local", model="embedded:smollm2-135m-instruct"))

@@ -123,7 +123,7 @@ def test_answers_in_the_logs_are_not_counted_and_completions_are_measured(tmp_pa
 
     settings = step_settings("traces", config)
     requests = generator_requests(trace_shard(sample, "k562", 0, 1), settings)
-    model = api_identity(settings.model.spec())
+    model = api_identity(settings.model)
     with RequestLog(results / "traces" / "default" / "k562" / "0.requests.jsonl") as log:
         for request, completion in zip(requests[:2], (100, 300), strict=True):
             log.append(Response(request.key(model), request.tag, "x", "stop", 50, completion, cached_tokens=10), model)

@@ -9,6 +9,7 @@ an upgrade: this version re-runs none of its jobs and pays for none of its answe
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -49,8 +50,9 @@ def snakemake(work: Path, config: dict, *args: str, timeout: int = 1500, repo: P
     path = work / f"config-{abs(hash(json.dumps(config, sort_keys=True)))}.yaml"
     path.write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(repo / "Snakefile"), "--directory", str(work)]
-    done = subprocess.run(
-        [*cmd, "--cores", "2", *args, "--configfile", str(path)], capture_output=True, text=True, timeout=timeout
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo / "src"), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(  # the Snakefile imports the package of its own checkout, as its jobs do
+        [*cmd, "--cores", "2", *args, "--configfile", str(path)], capture_output=True, text=True, timeout=timeout, env=env
     )
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-5000:]

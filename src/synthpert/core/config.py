@@ -29,6 +29,21 @@ def complete(config: dict) -> dict:
     return config
 
 
+def model_defaults() -> dict:
+    """The schema's defaults of a `models:` entry, its `engine:` settings included."""
+    properties = yaml.safe_load(SCHEMA.read_text())["$defs"]["model"]["properties"]
+    defaults = {key: value["default"] for key, value in properties.items() if "default" in value}
+    defaults["engine"] = {key: value["default"] for key, value in properties["engine"]["properties"].items()}
+    return defaults
+
+
+def model_entry(entry: dict) -> dict:
+    """A `models:` entry written outside a configuration (a tool's, a benchmark's, a test's)
+    completed with the schema's defaults as validation completes one in a configuration."""
+    defaults = model_defaults()
+    return {**defaults, **entry, "engine": {**defaults["engine"], **(entry.get("engine") or {})}}
+
+
 def load(path: str | Path) -> dict:
     """A configuration file, completed (`complete`)."""
     path = Path(path)

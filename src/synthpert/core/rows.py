@@ -20,7 +20,7 @@ def row_model_name(row: str, config: dict) -> str:
     return config["traces"]["model"] if row == "teacher" else config["train"]["model"]
 
 
-def model_entry(name: str, config: dict) -> tuple[str, bool]:
+def model_of(name: str, config: dict) -> tuple[str, bool]:
     """What a model name asks (a screen's model, `synthpert ask --model`): the `models:`
     entry of that name, else the entry a model row asks; and whether it answers with a
     trained adapter (a fine-tuned row)."""

@@ -151,16 +151,16 @@ class Model(Settings):
     dtype: str
     chat_template: str | None
     weights: str | None
-    api_key_env: str | None = run_field(default="OPENAI_API_KEY")
-    max_concurrency: int = run_field(default=16)
-    max_retries: int = run_field(default=6)
-    timeout_s: float = run_field(default=600)
-    batch_api: bool = run_field(default=False)
-    batch_size: int = run_field(default=8)
-    structured_outputs: bool = run_field(default=True)  # a result of the critic step only
-    engine: dict = run_field(default_factory=dict)  # the vllm backend's engine settings
-    price: dict | None = run_field(default=None)  # USD per million tokens (core.pricing)
-    tokens_per_second: float | None = run_field(default=None)  # for the plan's GPU-hours
+    api_key_env: str | None = run_field()
+    max_concurrency: int = run_field()
+    max_retries: int = run_field()
+    timeout_s: float = run_field()
+    batch_api: bool = run_field()
+    batch_size: int = run_field()
+    structured_outputs: bool = run_field()  # a result of the critic step only
+    engine: dict = run_field()  # the vllm backend's engine settings (core.config.model_entry completes them)
+    price: dict | None = run_field()  # USD per million tokens (core.pricing)
+    tokens_per_second: float | None = run_field()  # for the plan's GPU-hours
 
     @property
     def local(self) -> bool:
@@ -169,12 +169,14 @@ class Model(Settings):
 
     @classmethod
     def of(cls, spec: dict) -> Model:
+        """The settings of a `models:` entry completed with the schema's defaults (a
+        validated configuration's, or `core.config.model_entry`'s): every default lives in
+        the schema, none here or in a backend."""
         names = {f.name for f in dataclasses.fields(cls)} - {"weights"}
-        return cls(**{k: spec[k] for k in names if k in spec}, weights=_weights(spec))  # a completed entry
-
-    def spec(self) -> dict:
-        """The entry as the backends take it."""
-        return dataclasses.asdict(self)
+        missing = sorted(names - set(spec))
+        if missing:
+            raise CommandError(f"models: entry {spec.get('model')!r} lacks {missing}: complete it with its schema defaults")
+        return cls(**{k: spec[k] for k in names}, weights=_weights(spec))
 
 
 LOCAL_BACKENDS = ("local", "vllm")  # in-process models: the same prompts, answers and request keys
@@ -400,7 +402,7 @@ class Screen(Settings):
 
     @classmethod
     def from_config(cls, config: dict, model: str, **_) -> Screen:
-        name, trained = rows.model_entry(model, config)
+        name, trained = rows.model_of(model, config)
         return cls(_model(config, name), Generation.of(config["evaluate"]["generation"]), trained)
 
 

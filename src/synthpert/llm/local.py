@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig
 
+from synthpert.core.settings import Model
 from synthpert.errors import CommandError
 from synthpert.llm.model import load_local
 from synthpert.llm.prompting import encode, render
@@ -38,16 +39,16 @@ logger = logging.getLogger(__name__)
 class LocalBackend:
     """A causal LM in this process; see the module docstring."""
 
-    def __init__(self, spec: dict, adapter: str | None = None) -> None:
-        named = load_local(spec, adapter)
-        self.batch_size = int(spec.get("batch_size", 8))
+    def __init__(self, model: Model, adapter: str | None = None) -> None:
+        named = load_local(model, adapter)
+        self.batch_size = model.batch_size
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = getattr(torch, named.dtype)
         self.tokenizer = named.tokenizer
         try:
-            lm = AutoModelForCausalLM.from_pretrained(named.path, dtype=dtype, revision=spec.get("revision"))
+            lm = AutoModelForCausalLM.from_pretrained(named.path, dtype=dtype, revision=model.revision)
         except OSError as err:
-            raise CommandError(f"cannot load model {spec['model']!r} from {named.path}: {err}") from None
+            raise CommandError(f"cannot load model {model.model!r} from {named.path}: {err}") from None
         self.model, self.legacy_models = named.identity, named.legacy
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:

@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from synthpert.core.digest import folder_digest, text_digest
+from synthpert.core.settings import Model
 from synthpert.errors import CommandError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -51,16 +52,16 @@ def possible_dtypes(name: str) -> tuple[str, ...]:
     return ("float32", "bfloat16") if name == "auto" else (name,)
 
 
-def api_key(spec: dict) -> str:
-    """The API key from the environment variable the spec names ("" when it names none,
+def api_key(model: Model) -> str:
+    """The API key from the environment variable the entry names ("" when it names none,
     for endpoints without authentication). The value never appears in a message."""
-    name = spec.get("api_key_env", "OPENAI_API_KEY")
+    name = model.api_key_env
     if name is None:
         return ""
     value = os.environ.get(name, "")
     if not value.strip():
         raise CommandError(
-            f"the API key for model {spec.get('model')!r} is read from the environment variable "
+            f"the API key for model {model.model!r} is read from the environment variable "
             f"{name}, which is not set (or empty); export {name}=... first"
         )
     return value.strip()
@@ -85,22 +86,22 @@ def check_adapter(adapter: str | os.PathLike | None) -> None:
         raise CommandError(f"adapter folder {adapter} has no adapter_config.json (not a PEFT adapter)")
 
 
-def load_tokenizer(spec: dict, path: str):
-    """The model's tokenizer at its revision, with the spec's `chat_template` file in place
+def load_tokenizer(model: Model, path: str):
+    """The model's tokenizer at its revision, with the entry's `chat_template` file in place
     of its own (the template names the model); refused when it ends up without one."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.get("revision"))
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=model.revision)
     except OSError as err:
-        raise CommandError(f"cannot load the tokenizer of model {spec['model']!r} from {path}: {err}") from None
-    if spec.get("chat_template"):
-        template = Path(spec["chat_template"])
+        raise CommandError(f"cannot load the tokenizer of model {model.model!r} from {path}: {err}") from None
+    if model.chat_template:
+        template = Path(model.chat_template)
         if not template.is_file():
-            raise CommandError(f"chat_template {template} of model {spec['model']!r} does not exist")
+            raise CommandError(f"chat_template {template} of model {model.model!r} does not exist")
         tokenizer.chat_template = template.read_text()
     if not tokenizer.chat_template:
-        raise CommandError(f"model {spec['model']!r} has no chat template; set chat_template to a Jinja file")
+        raise CommandError(f"model {model.model!r} has no chat template; set chat_template to a Jinja file")
     return tokenizer
 
 
@@ -118,27 +119,27 @@ class LocalModel:
     legacy: tuple[str, ...]
 
 
-def load_local(spec: dict, adapter: str | os.PathLike | None = None) -> LocalModel:
+def load_local(model: Model, adapter: str | os.PathLike | None = None) -> LocalModel:
     """Resolve, check and name one `local`/`vllm` model entry (with an adapter or not)."""
-    path = resolve_local_model(spec["model"])
+    path = resolve_local_model(model.model)
     adapter = None if adapter is None else str(adapter)
     check_adapter(adapter)
-    dtype = resolve_dtype(spec.get("dtype", "auto"))
-    tokenizer = load_tokenizer(spec, path)
-    naming = (spec["model"], spec.get("revision"), str(tokenizer.chat_template), dtype, adapter)
+    dtype = resolve_dtype(model.dtype)
+    tokenizer = load_tokenizer(model, path)
+    naming = (model.model, model.revision, str(tokenizer.chat_template), dtype, adapter)
     return LocalModel(path, tokenizer, dtype, adapter, local_identity(*naming), (local_identity(*naming, legacy=True),))
 
 
-def possible_identities(spec: dict, adapter: str | os.PathLike | None = None) -> set[str]:
+def possible_identities(model: Model, adapter: str | os.PathLike | None = None) -> set[str]:
     """Every id the answers of a `models:` entry (with an adapter) can carry in a request
     log, on any machine: an API model's id and its legacy ones; a local model's under each
     precision `auto` can resolve to, current and legacy."""
-    if spec["backend"] == "openai":
-        return {api_identity(spec), *legacy_api_identities(spec)}
-    template = str(load_tokenizer(spec, resolve_local_model(spec["model"])).chat_template)
+    if not model.local:
+        return {api_identity(model), *legacy_api_identities(model)}
+    template = str(load_tokenizer(model, resolve_local_model(model.model)).chat_template)
     return {
-        local_identity(spec["model"], spec.get("revision"), template, dtype, adapter, legacy=old)
-        for dtype in possible_dtypes(spec.get("dtype", "auto"))
+        local_identity(model.model, model.revision, template, dtype, adapter, legacy=old)
+        for dtype in possible_dtypes(model.dtype)
         for old in (False, True)
     }
 
@@ -208,15 +209,15 @@ def canonical_url(url: str | None) -> str | None:
     return None if canonical == OPENAI_URL else canonical
 
 
-def api_identity(spec: dict) -> str:
+def api_identity(model: Model) -> str:
     """The model id in the request keys of an API model: its name, and the endpoint when
     it is not OpenAI's own (the same name elsewhere may be other weights), written
     canonically (`canonical_url`)."""
-    url = canonical_url(spec.get("base_url"))
-    return spec["model"] if url is None else f"{spec['model']}@{url}"
+    url = canonical_url(model.base_url)
+    return model.model if url is None else f"{model.model}@{url}"
 
 
-def legacy_api_identities(spec: dict) -> tuple[str, ...]:
+def legacy_api_identities(model: Model) -> tuple[str, ...]:
     """The id versions before `canonical_url` gave the model (the endpoint as configured)."""
-    old = spec["model"] if not spec.get("base_url") else f"{spec['model']}@{spec['base_url']}"
-    return () if old == api_identity(spec) else (old,)
+    old = model.model if not model.base_url else f"{model.model}@{model.base_url}"
+    return () if old == api_identity(model) else (old,)

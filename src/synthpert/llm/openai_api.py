@@ -37,6 +37,7 @@ import openai
 from tqdm import tqdm
 
 from synthpert.core.io import atomic_path
+from synthpert.core.settings import Model
 from synthpert.errors import CommandError
 from synthpert.llm.model import api_identity, api_key, legacy_api_identities
 from synthpert.llm.requests import (
@@ -110,16 +111,16 @@ class OpenAIBackend:
     poll_first_s = 5.0  # Batch API polling interval; doubles up to poll_cap_s
     poll_cap_s = 60.0
 
-    def __init__(self, spec: dict) -> None:
-        self.name = spec["model"]  # what the endpoint is asked for
-        self.model = api_identity(spec)  # what names its answers in the request keys
-        self.legacy_models = legacy_api_identities(spec)  # what named them before (logs still valid)
-        self._key = api_key(spec)  # fails now, before any request, when the variable is unset
-        self.base_url = spec.get("base_url")
-        self.max_concurrency = int(spec.get("max_concurrency", 16))
-        self.max_retries = int(spec.get("max_retries", 6))
-        self.timeout_s = float(spec.get("timeout_s", 600))
-        self.batch_api = bool(spec.get("batch_api", False))
+    def __init__(self, model: Model) -> None:
+        self.name = model.model  # what the endpoint is asked for
+        self.model = api_identity(model)  # what names its answers in the request keys
+        self.legacy_models = legacy_api_identities(model)  # what named them before (logs still valid)
+        self._key = api_key(model)  # fails now, before any request, when the variable is unset
+        self.base_url = model.base_url
+        self.max_concurrency = model.max_concurrency
+        self.max_retries = model.max_retries
+        self.timeout_s = float(model.timeout_s)
+        self.batch_api = model.batch_api
         # The HTTP client logs every request at INFO; keep that out of the step logs
         # unless someone configured that logger on purpose.
         http_log = logging.getLogger("httpx2")

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from synthpert.core.settings import Model
 from synthpert.errors import CommandError
 from synthpert.llm.requests import ROLES, Request
 
@@ -101,18 +102,18 @@ def openai_counter(model: str) -> TokenCounter:
     return TokenCounter(f"tiktoken {name}", count)
 
 
-def local_counter(spec: dict, path: str) -> TokenCounter:
+def local_counter(model: Model, path: str) -> TokenCounter:
     """The model's own tokenizer and chat template (the prefill included), else an estimate."""
     from synthpert.llm.model import load_tokenizer
     from synthpert.llm.prompting import encode, render
 
     try:
-        tokenizer = load_tokenizer(spec, path)
+        tokenizer = load_tokenizer(model, path)
     except CommandError as err:
-        logger.info("counting %s by estimate: %s", spec["model"], err)
+        logger.info("counting %s by estimate: %s", model.model, err)
         return estimate("its tokenizer is not loadable here")
 
     def count(request: Request) -> int:
         return len(encode(tokenizer, render(tokenizer, request) + request.prefill))
 
-    return TokenCounter(f"tokenizer of {spec['model']}", count)
+    return TokenCounter(f"tokenizer of {model.model}", count)

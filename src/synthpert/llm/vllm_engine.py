@@ -30,15 +30,14 @@ What a run does (`VLLMBackend.run(requests, log, guard, desc)`, the `Backend` co
   - `max_new_tokens == 0` with options: nothing is generated; the options are scored right
     after the prefill (the critic's grading by likelihood).
 
-Engine settings (keys of the model's `models:` entry; none of them enters a request key):
-  `max_model_len` (default 4096), `gpu_memory_utilization` (0.9), `max_num_seqs` (256),
-  `tensor_parallel_size` (1), `dtype` (auto = bfloat16 on a GPU that has it, else float32;
-  it names the precision in the model id, as for `local`), `enable_prefix_caching` (true),
-  `block_size`, `enforce_eager`, `seed` (0), `max_lora_rank` (64), `max_loras` (4),
-  `lora` (how adapters are served, below), and on CPU `kv_cache_space` (GiB, sets
-  `VLLM_CPU_KVCACHE_SPACE`, default 4) and `cpu_threads` (sets
-  `VLLM_CPU_OMP_THREADS_BIND=0-(n-1)`; default: vLLM's own choice). Environment variables
-  already set win over the spec.
+Engine settings (the `engine:` keys of the model's `models:` entry, defaults in the schema;
+none of them enters a request key): `max_model_len`, `gpu_memory_utilization`,
+  `max_num_seqs`, `tensor_parallel_size`, `enable_prefix_caching`, `block_size`,
+  `enforce_eager`, `seed`, `max_lora_rank`, `max_loras`, `lora` (how adapters are served,
+  below), and on CPU `kv_cache_space` (GiB, sets `VLLM_CPU_KVCACHE_SPACE`) and
+  `cpu_threads` (sets `VLLM_CPU_OMP_THREADS_BIND=0-(n-1)`; null: vLLM's own choice).
+  Environment variables already set win over these. The entry's `dtype` (auto = bfloat16
+  on a GPU that has it, else float32) names the precision in the model id, as for `local`.
 
 Adapters (LoRA), `lora:`
   - `engine` (default on GPU): the base model is loaded once with `enable_lora` and each
@@ -49,10 +48,10 @@ Adapters (LoRA), `lora:`
     on prompt logprobs in batches (bgmv_shrink, vllm-project/vllm #29955, #16668).
 
 API
-  `VLLMBackend(spec, adapter=None)` one model (base, or base + one adapter); the engine
+  `VLLMBackend(model, adapter=None)` one model (base, or base + one adapter); the engine
       starts at the first `run` that has something to send (a fully logged job never
       starts it) and stops at `close()` (or when the object is garbage collected).
-  `VLLMBackend.family(spec, adapters)` one backend per entry of `adapters` (`None` = the
+  `VLLMBackend.family(model, adapters)` one backend per entry of `adapters` (`None` = the
       base model), in order, sharing one engine in `engine` mode (load the base once per
       evaluation shard, then `run` each backend in turn); in `merge` mode each adapter
       gets its own engine, started lazily, and `close()` of one backend frees its engine
@@ -80,24 +79,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from synthpert.core.settings import Model
 from synthpert.errors import CommandError
 from synthpert.llm.model import check_adapter, load_local, resolve_dtype, resolve_local_model
 from synthpert.llm.prompting import encode, render
 from synthpert.llm.requests import Request, RequestLog, Response, SpendingGuard, plan
 
 logger = logging.getLogger(__name__)
-
-ENGINE_DEFAULTS = {
-    "max_model_len": 4096,
-    "gpu_memory_utilization": 0.9,
-    "max_num_seqs": 256,
-    "tensor_parallel_size": 1,
-    "enable_prefix_caching": True,
-    "seed": 0,
-    "max_lora_rank": 64,
-    "max_loras": 4,
-    "kv_cache_space": 4,
-}
 
 
 def on_cpu() -> bool:
@@ -106,12 +94,12 @@ def on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-def lora_mode(spec: dict) -> str:
-    mode = spec.get("lora", "auto")
+def lora_mode(model: Model) -> str:
+    mode = model.engine["lora"]
     if mode == "auto":
         return "merge" if on_cpu() else "engine"
     if mode not in ("engine", "merge"):
-        raise CommandError(f"model {spec['model']!r}: lora must be auto, engine or merge; got {mode!r}")
+        raise CommandError(f"model {model.model!r}: lora must be auto, engine or merge; got {mode!r}")
     return mode
 
 
@@ -137,15 +125,16 @@ class Engine:
     """One `vllm.LLM`, started on first use. `weights` is what it loads (the base, or a
     merged folder made at start); `lora` whether adapters come as `LoRARequest`s."""
 
-    def __init__(self, spec: dict, path: str, dtype: str, lora: bool = False, merge: str | None = None) -> None:
-        self.spec, self.path, self.dtype, self.lora, self.merge = spec, path, dtype, lora, merge
+    def __init__(self, model: Model, path: str, dtype: str, lora: bool = False, merge: str | None = None) -> None:
+        self.model, self.path, self.dtype, self.lora, self.merge = model, path, dtype, lora, merge
         self.llm = None
         self.startup_seconds: float | None = None
         self._merged_dir: str | None = None
         self._lora_ids: dict[str, int] = {}
 
     def setting(self, name: str):
-        return self.spec.get(name, ENGINE_DEFAULTS.get(name))
+        """An `engine:` setting of the entry (the schema's default when not configured)."""
+        return self.model.engine[name]
 
     def start(self):
         if self.llm is not None:
@@ -153,11 +142,11 @@ class Engine:
         started = time.perf_counter()
         if on_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(self.setting("kv_cache_space"))))
-            if self.spec.get("cpu_threads"):
-                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{int(self.spec['cpu_threads']) - 1}")
+            if self.setting("cpu_threads"):
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{int(self.setting('cpu_threads')) - 1}")
         weights = self.path
         if self.merge is not None:
-            self._merged_dir = weights = merge_adapter(self.path, self.merge, self.dtype, self.spec.get("revision"))
+            self._merged_dir = weights = merge_adapter(self.path, self.merge, self.dtype, self.model.revision)
         from vllm import LLM
 
         kwargs = {
@@ -170,22 +159,22 @@ class Engine:
             "seed": int(self.setting("seed")),
             "disable_log_stats": True,
         }
-        if self.merge is None and self.spec.get("revision"):
-            kwargs["revision"] = self.spec["revision"]
+        if self.merge is None and self.model.revision:
+            kwargs["revision"] = self.model.revision
         if not on_cpu():
             kwargs["gpu_memory_utilization"] = float(self.setting("gpu_memory_utilization"))
         for name in ("block_size", "enforce_eager"):
-            if name in self.spec:
-                kwargs[name] = self.spec[name]
+            if self.setting(name) is not None:
+                kwargs[name] = self.setting(name)
         if self.lora:
             kwargs |= {"enable_lora": True, "max_lora_rank": int(self.setting("max_lora_rank")),
                        "max_loras": int(self.setting("max_loras"))}
-        logger.info("starting vLLM for %s (%s)", self.spec["model"], {k: v for k, v in kwargs.items() if k != "model"})
+        logger.info("starting vLLM for %s (%s)", self.model.model, {k: v for k, v in kwargs.items() if k != "model"})
         try:
             self.llm = LLM(**kwargs)
         except Exception as err:
             self._remove_merged()
-            raise CommandError(f"vLLM could not start model {self.spec['model']!r}: {err}") from err
+            raise CommandError(f"vLLM could not start model {self.model.model!r}: {err}") from err
         self.startup_seconds = time.perf_counter() - started
         logger.info("vLLM engine ready in %.1f s", self.startup_seconds)
         return self.llm
@@ -239,12 +228,12 @@ class _Job:
 class VLLMBackend:
     """A local model served by vLLM in this process; see the module docstring."""
 
-    def __init__(self, spec: dict, adapter: str | None = None, engine: Engine | None = None) -> None:
-        self.spec = spec
-        named = load_local(spec, adapter)
+    def __init__(self, model: Model, adapter: str | None = None, engine: Engine | None = None) -> None:
+        self.settings = model
+        named = load_local(model, adapter)
         self.path, self.adapter, self.dtype, self.tokenizer = named.path, named.adapter, named.dtype, named.tokenizer
         self.model, self.legacy_models = named.identity, named.legacy
-        self.max_model_len = int(spec.get("max_model_len", ENGINE_DEFAULTS["max_model_len"]))
+        self.max_model_len = int(model.engine["max_model_len"])
         eos = {self.tokenizer.eos_token_id}
         generation_config = Path(self.path) / "generation_config.json"
         if generation_config.is_file():
@@ -254,30 +243,30 @@ class VLLMBackend:
             eos |= set(value if isinstance(value, list) else [value])
         self.eos_ids = sorted(i for i in eos if i is not None)
         if engine is None:
-            merge = self.adapter if (self.adapter is not None and lora_mode(spec) == "merge") else None
-            engine = Engine(spec, self.path, self.dtype, lora=self.adapter is not None and merge is None, merge=merge)
+            merge = self.adapter if (self.adapter is not None and lora_mode(model) == "merge") else None
+            engine = Engine(model, self.path, self.dtype, lora=self.adapter is not None and merge is None, merge=merge)
         self.engine = engine
 
     @classmethod
-    def family(cls, spec: dict, adapters: Iterable[str | None]) -> list[VLLMBackend]:
+    def family(cls, model: Model, adapters: Iterable[str | None]) -> list[VLLMBackend]:
         """One backend per adapter (None = the base model), sharing one engine when the
         engine serves the adapters (`lora: engine`); see the module docstring."""
         adapters = [None if a is None else str(a) for a in adapters]
-        if lora_mode(spec) == "merge":
+        if lora_mode(model) == "merge":
             base = None
             backends = []
             for adapter in adapters:
                 if adapter is None:
-                    base = base or cls(spec)
+                    base = base or cls(model)
                     backends.append(base)
                 else:
-                    backends.append(cls(spec, adapter))
+                    backends.append(cls(model, adapter))
             return backends
         for adapter in adapters:
             check_adapter(adapter)
-        engine = Engine(spec, resolve_local_model(spec["model"]), resolve_dtype(spec.get("dtype", "auto")),
+        engine = Engine(model, resolve_local_model(model.model), resolve_dtype(model.dtype),
                         lora=any(a is not None for a in adapters))
-        return [cls(spec, adapter, engine=engine) for adapter in adapters]
+        return [cls(model, adapter, engine=engine) for adapter in adapters]
 
     def __repr__(self) -> str:
         return f"VLLMBackend(model={self.model!r})"
@@ -359,7 +348,7 @@ class VLLMBackend:
                 raise CommandError(
                     f"request {request.tag or key[:12]}: {len(ids)} prompt tokens + max_new_tokens "
                     f"{request.max_new_tokens} + {suffix} tokens to score its answer options exceed "
-                    f"max_model_len {self.max_model_len} of model {self.spec['model']!r}; nothing was generated. "
+                    f"max_model_len {self.max_model_len} of model {self.settings.model!r}; nothing was generated. "
                     f"Raise max_model_len under engine: in its models: entry (or lower max_new_tokens)"
                 )
             jobs[key] = _Job(key, request, prompt, ids)

@@ -299,7 +299,7 @@ def main(args) -> None:
         raise CommandError(f"{args.traces}: file not found")
     traces = pl.read_parquet(args.traces)
     needed = "reasoning" in traces.columns and traces["reasoning"].is_not_null().any()
-    backend = make_backend(settings.model.spec()) if needed else None  # nothing to grade: no model
+    backend = make_backend(settings.model) if needed else None  # nothing to grade: no model
     graded = grade_traces(traces, settings, args.out, backend)
     counts = graded.group_by("grade").len().sort("grade", nulls_last=True)
     log.info("%d traces graded into %s\n%s", graded["grade"].is_not_null().sum(), args.out, counts)

@@ -210,7 +210,7 @@ def grpo(split_file, trace_sample, adapter, cfg: Grpo, out_dir, checkpoint_dir=N
         log.warning("rl.sample is not balanced by class: a policy that always answers the majority class gains")
 
     student = resolve_local_model(cfg.model.model)
-    tokenizer = load_tokenizer(cfg.model.spec(), student)
+    tokenizer = load_tokenizer(cfg.model, student)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     generation = Generation(cfg.max_completion_length, cfg.temperature, 1.0, None)

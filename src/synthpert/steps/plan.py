@@ -154,7 +154,7 @@ def model_view(settings: Model) -> ModelView:
         path = resolve_local_model(settings.model)
     except CommandError:
         return ModelView(settings, estimate(f"{settings.model} is not converted yet"))
-    return ModelView(settings, local_counter(settings.spec(), path))
+    return ModelView(settings, local_counter(settings, path))
 
 
 def identities(view: ModelView, adapter: Path | None) -> set[str]:
@@ -166,7 +166,7 @@ def identities(view: ModelView, adapter: Path | None) -> set[str]:
         unnamed = spec.local and (
             view.counter.name.startswith("estimate") or (adapter is not None and not (adapter / "adapter_config.json").is_file())
         )
-        view.identities[adapter] = set() if unnamed else possible_identities(spec.spec(), adapter)
+        view.identities[adapter] = set() if unnamed else possible_identities(spec, adapter)
     return view.identities[adapter]
 
 

@@ -78,7 +78,7 @@ def main(args) -> None:
     adapters = row_adapters(args.row, args.adapter)
     rows = question_shard(pl.read_parquet(args.questions), args.cell, args.shard, settings.shards)
     requests = build_requests(rows, settings.generation, settings.model.local)
-    backends = backend_family(settings.model.spec(), [None if a is None else str(a) for a in adapters])
+    backends = backend_family(settings.model, [None if a is None else str(a) for a in adapters])
     for row, out, backend in zip(args.row, args.out, backends):
         what = f"predict {row} {args.cell}#{args.shard}"
         with RequestLog(request_log_path(out)) as request_log:

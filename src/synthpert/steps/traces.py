@@ -202,7 +202,7 @@ def main(args) -> None:
         raise CommandError(f"--out must end in .parquet, got {args.out}")
     sample = _read(args.sample)
     rows = trace_shard(sample, args.cell, args.shard, settings.shards)  # fail fast, before loading a model
-    backend = make_backend(settings.model.spec()) if rows.height else None
+    backend = make_backend(settings.model) if rows.height else None
     df = run_shard(sample, args.cell, args.shard, settings, args.out, backend)
     counts = df.group_by("status").agg(pl.len(), pl.col("correct").sum()).sort("status")
     log.info("%d traces written to %s\n%s", df.height, args.out, counts)

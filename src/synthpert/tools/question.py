@@ -5,7 +5,7 @@ checked before any model is loaded, and the model asked the evaluation's questio
   (`base`, `teacher`, or a trained row such as `synthpert`, whose adapter is
   `results/models/{split}/{row}/adapter`), or the path of a PEFT adapter folder (its
   `adapter_config.json` names the base model; a configured local model with that base
-  lends its settings, else the schema's defaults apply). `core.rows.model_entry` is the
+  lends its settings, else the schema's defaults apply). `core.rows.model_of` is the
   rule for names and rows, here as in the screen rule's inputs and settings.
 * Names are checked against the PerturbQA table of the split: an unknown cell line, gene
   or perturbation stops with the closest known names (a typo should not cost a model
@@ -27,16 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
-import yaml
 
 from synthpert.core.arguments import settings_type
-from synthpert.core.config import SCHEMA
 from synthpert.core.config import load as config_load
+from synthpert.core.config import model_entry
 from synthpert.core.labels import display_cell
-from synthpert.core.prompts import parse_reasoning
 from synthpert.core.paths import adapter_dir, adapter_layout, split_table
-from synthpert.core.rows import LLM_ROWS, model_entry
-from synthpert.core.settings import LOCAL_BACKENDS, Generation, Screen
+from synthpert.core.prompts import parse_reasoning
+from synthpert.core.rows import LLM_ROWS, model_of
+from synthpert.core.settings import LOCAL_BACKENDS, Generation, Model, Screen
 from synthpert.errors import CommandError, ConfigError
 from synthpert.evaluation.answers import (
     PREDICTION_SCHEMA,
@@ -78,23 +77,17 @@ def generation_settings(config: dict, max_new_tokens: int | None) -> Generation:
 
 
 @dataclass(frozen=True)
-class Model:
-    """A model to ask: its configuration entry and, for a fine-tuned student, its adapter."""
+class Asked:
+    """A model to ask: its `models:` settings and, for a fine-tuned student, its adapter."""
 
     name: str  # the --model name, or the variant folder of an adapter path
-    spec: dict
+    model: Model
     adapter: str | None = None
     split: str | None = None  # the split an adapter path was trained on, when its layout says
 
     def describe(self) -> str:
-        base = f"{self.spec['backend']} {self.spec['model']}"
+        base = f"{self.model.backend} {self.model.model}"
         return f"{self.name} ({base} + adapter {self.adapter})" if self.adapter else f"{self.name} ({base})"
-
-
-def model_defaults() -> dict:
-    """The schema's defaults of a `models:` entry."""
-    properties = yaml.safe_load(SCHEMA.read_text())["$defs"]["model"]["properties"]
-    return {key: value["default"] for key, value in properties.items() if "default" in value}
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -104,7 +97,7 @@ def _same_model(a: str, b: str) -> bool:
     return a == b
 
 
-def adapter_model(path: Path, settings: dict) -> Model:
+def adapter_model(path: Path, settings: dict) -> Asked:
     """A PEFT adapter folder: its base model with the settings of the configured local
     model that has this base (the student first), else the schema's defaults."""
     config_file = path / "adapter_config.json"
@@ -117,13 +110,12 @@ def adapter_model(path: Path, settings: dict) -> Model:
     names = [settings["train"]["model"], *sorted(models)]
     local = [models[n] for n in names if n in models and models[n]["backend"] in LOCAL_BACKENDS]
     spec = next((s for s in local if _same_model(local_path(s["model"]), base)), None)
-    if spec is None:
-        spec = {**model_defaults(), "backend": "local", "model": base}
+    model = Model.of(spec if spec is not None else model_entry({"backend": "local", "model": base}))
     layout = adapter_layout(path)  # the workflow's layout names the variant and its split
     if layout is not None:
         split, row = layout
-        return Model(row, spec, str(path), split)
-    return Model(path.resolve().name, spec, str(path))
+        return Asked(row, model, str(path), split)
+    return Asked(path.resolve().name, model, str(path))
 
 
 def trained_adapter(name: str, split: str, results: Path) -> str:
@@ -137,24 +129,24 @@ def trained_adapter(name: str, split: str, results: Path) -> str:
     return str(adapter)
 
 
-def rule_model(name: str, settings: Screen, split: str, results: Path) -> Model:
+def rule_model(name: str, settings: Screen, split: str, results: Path) -> Asked:
     """The model of a screen rule: the resolved `models:` entry, with its adapter when it is a trained row."""
-    return Model(name, settings.model.spec(), trained_adapter(name, split, results) if settings.trained else None)
+    return Asked(name, settings.model, trained_adapter(name, split, results) if settings.trained else None)
 
 
-def resolve_model(name: str, settings: dict, split: str, results: Path) -> Model:
+def resolve_model(name: str, settings: dict, split: str, results: Path) -> Asked:
     """`--model`: an adapter folder, a `models:` name, or a model row (see module docstring)."""
     if Path(name).is_dir():
         return adapter_model(Path(name), settings)
     try:
-        entry, trained = model_entry(name, settings)
+        entry, trained = model_of(name, settings)
     except ConfigError:
         known = sorted({*settings["models"], *LLM_ROWS})
         raise CommandError(
             f"unknown model {name!r}: not an adapter folder, nor a model of the configuration or a model row "
             f"({', '.join(known)}){suggest(name, known)}"
         ) from None
-    return Model(name, settings["models"][entry], trained_adapter(name, split, results) if trained else None)
+    return Asked(name, Model.of(settings["models"][entry]), trained_adapter(name, split, results) if trained else None)
 
 
 # --------------------------------------------------------------------------- names
@@ -252,11 +244,11 @@ def question_rows(table: pl.DataFrame, cell: str, pert: str, genes: list[str]) -
 # --------------------------------------------------------------------------- asking
 
 
-def answer(rows: pl.DataFrame, model: Model, generation: Generation, log_path: Path, desc: str) -> pl.DataFrame:
+def answer(rows: pl.DataFrame, model: Asked, generation: Generation, log_path: Path, desc: str) -> pl.DataFrame:
     """The model's three-class answer to every question (`PREDICTION_SCHEMA` columns, task
     `de3`); answers already in `log_path` are reused, new ones appended to it."""
-    backend = make_backend(model.spec, adapter=model.adapter)
-    local = model.spec["backend"] in LOCAL_BACKENDS
+    backend = make_backend(model.model, adapter=model.adapter)
+    local = model.model.local
     requests = [question_request(q, "de3", generation, local) for q in rows.iter_rows(named=True)]
     with RequestLog(log_path) as request_log:
         responses = run_requests(backend, requests, request_log, None, desc)
