@@ -40,7 +40,6 @@ COUNTS = (
     "gene_cell_n", "gene_cell_de", "gene_cell_up",
     "gene_other_n", "gene_other_de", "gene_other_up",
 )  # fmt: skip
-NEIGHBOUR_FIELDS = ("pert", "similarity", "n", "n_de", "n_up")
 COLUMNS = (
     *KEY, "role", *COUNTS, "pair_cells", "pair_labels",
     "nn_source", "nn_k", "nn_found", "nn_measured", "nn_de", "nn_up", "nn_listed", "text",
