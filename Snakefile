@@ -30,6 +30,7 @@ include: "rules/data.smk"
 include: "rules/traces.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
+include: "rules/evidence.smk"
 include: "rules/screen.smk"
 include: "rules/plan.smk"
 

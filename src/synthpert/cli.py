@@ -27,12 +27,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "questions": ("synthpert.steps.questions", "the held-out questions of one split (seeded, stratified sample)"),
     "predict": ("synthpert.steps.predict", "a model row answers the held-out questions of one shard"),
     "baseline": ("synthpert.steps.baseline", "predictions of a row computed without an LLM"),
+    "evidence-table": ("synthpert.steps.evidence_table", "the evidence block of every question of a split, from its training rows"),
     "tables": ("synthpert.steps.tables", "metrics and results/table1..4.csv"),
     "plots": ("synthpert.steps.plots", "figures for the Snakemake report"),
     "score-screens": ("synthpert.steps.score_screens", "cell-eval's DE metrics of every evaluation row and screen, per perturbation"),
     "validate": ("synthpert.tools.validate", "check a configuration file before running anything"),
     "ask": ("synthpert.tools.ask", "ask a model one knockdown question"),
     "screen": ("synthpert.tools.screen", "in-silico screen: one perturbation against many genes"),
+    "evidence": ("synthpert.tools.evidence", "print the evidence block one question gets (--json for its numbers)"),
     "plan": ("synthpert.steps.plan", "what a run will still send and cost: requests, tokens, USD, GPU-hours"),
 }
 

@@ -379,6 +379,24 @@ class Baseline(Settings):
 
 
 @dataclass(frozen=True)
+class Evidence(Settings):
+    """The evidence block of each question (`evidence:`): its sources and sizes, every one
+    deciding the text; `k` is `evaluate.knn_k` unless set."""
+
+    gene: bool
+    pair: bool
+    neighbours: bool
+    k: int
+    max_listed: int
+
+    @classmethod
+    def from_config(cls, config: dict, **_) -> Evidence:
+        evidence = config["evidence"]
+        k = evidence["k"] if evidence["k"] is not None else config["evaluate"]["knn_k"]
+        return cls(evidence["gene"], evidence["pair"], evidence["neighbours"], k, evidence["max_listed"])
+
+
+@dataclass(frozen=True)
 class Tables(Settings):
     rows: tuple[str, ...]  # their order in the tables
     bootstrap: int | None  # resamples of the intervals of tables 3 and 4
@@ -441,6 +459,7 @@ STEPS: dict[str, type[Settings]] = {
     "questions": Questions,
     "predict": Predict,
     "baseline": Baseline,
+    "evidence": Evidence,
     "tables": Tables,
     "screen": Screen,
     "derive": Derive,

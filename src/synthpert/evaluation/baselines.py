@@ -184,21 +184,10 @@ def gene_prior(train: pl.DataFrame, asked: pl.DataFrame, cell: str) -> pl.DataFr
 def knn(train: pl.DataFrame, asked: pl.DataFrame, cell: str, k: int) -> pl.DataFrame:
     """Neighbour perturbations (by DE profile in the other cell lines) vote per gene."""
     ref = reference_rows(train, cell)
-    other = train.filter(pl.col("cell") != cell)
     stats = _gene_stats(ref)
     rate = _rate(ref)
-    # Labels of the reference perturbations, one row per (pert, gene).
-    labels = ref.group_by("pert", "gene").agg(
-        de=pl.col("de").mean(),
-        up=pl.when(pl.col("de").sum() > 0)
-        .then((pl.col("label") == UP).sum() / pl.col("de").sum())
-        .otherwise(None),
-        n_rows=pl.len().cast(pl.Float64),
-        n_de=pl.col("de").sum().cast(pl.Float64),
-    )
-    candidates = sorted(labels["pert"].unique().to_list())
-    queries = sorted(set(asked["pert"].to_list()) | set(candidates))
-    weights = _neighbour_weights(other, queries, candidates, k)
+    labels = reference_labels(ref)
+    queries, candidates, weights = _neighbours(train, cell, asked["pert"], k)
     genes = sorted(labels["gene"].unique().to_list())
     votes = _vote_matrices(labels, candidates, genes)
     numerators = {name: weights @ matrix for name, matrix in votes.items()}
@@ -300,6 +289,54 @@ def _index(values: pl.Series, vocabulary: list[str]) -> np.ndarray:
     lookup = pl.DataFrame({"v": vocabulary, "i": np.arange(len(vocabulary), dtype=np.int64)})
     joined = pl.DataFrame({"v": values}).join(lookup, on="v", how="left", maintain_order="left")
     return joined["i"].fill_null(-1).to_numpy()
+
+
+def reference_labels(ref: pl.DataFrame) -> pl.DataFrame:
+    """The reference rows' labels, one row per (pert, gene): mean DE label `de`, fraction
+    up among its DE rows `up` (null if none), `n_rows`, `n_de` (floats)."""
+    return ref.group_by("pert", "gene").agg(
+        de=pl.col("de").mean(),
+        up=pl.when(pl.col("de").sum() > 0)
+        .then((pl.col("label") == UP).sum() / pl.col("de").sum())
+        .otherwise(None),
+        n_rows=pl.len().cast(pl.Float64),
+        n_de=pl.col("de").sum().cast(pl.Float64),
+    )
+
+
+def nearest_neighbours(train: pl.DataFrame, cell: str, perts, k: int) -> pl.DataFrame:
+    """The neighbours the knn row votes with: for each perturbation of `perts` asked about
+    `cell`, its k most similar reference perturbations of positive similarity (`pert,
+    neighbour, similarity, rank`; rank 1 = most similar, ties by name), from the training
+    rows `train` alone (the description is the other cell lines' rows)."""
+    queries, candidates, weights = _neighbours(train, cell, pl.Series(list(perts), dtype=pl.String), k)
+    coo = weights.tocoo()
+    frame = pl.DataFrame(
+        {
+            "pert": pl.Series(np.asarray(queries, dtype=object)[coo.row], dtype=pl.String),
+            "neighbour": pl.Series(np.asarray(candidates, dtype=object)[coo.col], dtype=pl.String),
+            "similarity": pl.Series(coo.data, dtype=pl.Float64),
+        }
+    )
+    wanted = pl.DataFrame({"pert": pl.Series(list(perts), dtype=pl.String)}).unique()
+    return (
+        frame.join(wanted, on="pert", how="semi")
+        .sort(["pert", "similarity", "neighbour"], descending=[False, True, False])
+        .with_columns(rank=pl.int_range(1, pl.len() + 1).over("pert").cast(pl.Int64))
+    )
+
+
+def _neighbours(
+    train: pl.DataFrame, cell: str, asked: pl.Series, k: int
+) -> tuple[list[str], list[str], sparse.csr_matrix]:
+    """Queries (the asked perturbations and the reference ones, sorted: `_neighbour_weights`
+    describes the candidates by their query rows), candidates (the reference perturbations
+    of `cell`, sorted) and their `_neighbour_weights`."""
+    ref = reference_rows(train, cell)
+    other = train.filter(pl.col("cell") != cell)
+    candidates = sorted(ref["pert"].unique().to_list())
+    queries = sorted(set(asked.to_list()) | set(candidates))
+    return queries, candidates, _neighbour_weights(other, queries, candidates, k)
 
 
 def _neighbour_weights(
