@@ -38,6 +38,23 @@ wildcard_constraints:
     row="|".join(config["evaluate"]["rows"]),
 
 
+# The one shell line of both predict rules (one row per job, or the rows one engine answers
+# together); each fills in where its rows and adapters come from.
+PREDICT_SHELL = (
+    "python -m synthpert predict --questions {{input.questions}} --row {row} "
+    "--cell {{wildcards.cell}} --shard {{wildcards.shard}} --split {{wildcards.split}} "
+    "{adapters} --settings {{params.settings:q}} --run {{params.run:q}} --out {{output}} 2> {{log}}"
+)
+
+# The one shell line of both table rules (tables 1-2: AUROC; 3-4: classes, with their
+# intervals and unseen-perturbation files named after the table).
+TABLES_SHELL = (
+    "python -m synthpert tables --table {{wildcards.n}} --split {{params.split}} "
+    "--predictions {{input.predictions}} --splits-file {{input.split_file}} "
+    "--questions {{input.questions}} --settings {{params.settings:q}} --out {out} 2> {{log}}"
+)
+
+
 def result_settings(step, **fixed):
     """What decides a step's output, as JSON (`synthpert.core.settings`): a job re-runs when it
     changes. Use as `params: settings=result_settings(step)`; `fixed` gives wildcards a

@@ -35,9 +35,7 @@ rule predict:
             f"--adapter {input.adapter}" if input.adapter else ""
         ),
     shell:
-        "python -m synthpert predict --questions {input.questions} --row {wildcards.row} "
-        "--cell {wildcards.cell} --shard {wildcards.shard} --split {wildcards.split} "
-        "{params.adapter} --settings {params.settings:q} --run {params.run:q} --out {output} 2> {log}"
+        PREDICT_SHELL.format(row="{wildcards.row}", adapters="{params.adapter}")
 
 
 if ENGINE_ROWS:
@@ -61,10 +59,9 @@ if ENGINE_ROWS:
             settings=result_settings("predict", row=ENGINE_ROWS[0]),
             run=run_settings("predict", row=ENGINE_ROWS[0]),
         shell:
-            "python -m synthpert predict --questions {input.questions} --row {params.rows} "
-            "--cell {wildcards.cell} --shard {wildcards.shard} --split {wildcards.split} "
-            "--adapter {input.adapters} --settings {params.settings:q} --run {params.run:q} "
-            "--out {output} 2> {log}"
+            PREDICT_SHELL.format(
+                row="{params.rows}", adapters="--adapter {input.adapters}"
+            )
 
 
 rule baseline:
@@ -105,9 +102,7 @@ rule auroc_table:
         settings=result_settings("tables"),
         split=lambda wildcards: TABLE_SPLIT[wildcards.n],
     shell:
-        "python -m synthpert tables --table {wildcards.n} --split {params.split} "
-        "--predictions {input.predictions} --splits-file {input.split_file} "
-        "--questions {input.questions} --settings {params.settings:q} --out {output} 2> {log}"
+        TABLES_SHELL.format(out="{output}")
 
 
 rule class_table:
@@ -133,10 +128,7 @@ rule class_table:
         settings=result_settings("tables"),
         split=lambda wildcards: TABLE_SPLIT[wildcards.n],
     shell:
-        "python -m synthpert tables --table {wildcards.n} --split {params.split} "
-        "--predictions {input.predictions} --splits-file {input.split_file} "
-        "--questions {input.questions} --settings {params.settings:q} "
-        "--out {output.table} 2> {log}"
+        TABLES_SHELL.format(out="{output.table}")
 
 
 rule plot_roc:
