@@ -111,6 +111,24 @@ def test_this_version_pays_for_no_answer_the_previous_one_logged(finished):
     assert "already answered" in predict_log, predict_log[-2000:]
 
 
+# Files a step keeps beside its outputs on purpose: what was paid for, and where a killed
+# training resumes (Snakemake deletes a failed job's outputs; these must survive it).
+UNDECLARED_ON_PURPOSE = (".requests.jsonl", "/checkpoints/")
+
+
+@pytest.mark.slow
+def test_every_file_a_step_writes_is_a_declared_output(finished):
+    work, config = finished
+    summary = snakemake(work, config, "--summary", "all", "results/plan.csv")  # plan.csv: an earlier test's
+    declared = {line.split("\t")[0] for line in summary.splitlines() if line.startswith("results/")}
+    written = {str(p.relative_to(work)) for p in (work / "results").rglob("*") if p.is_file()}
+    hidden = {
+        f for f in written
+        if not any(f == d or f.startswith(d + "/") for d in declared) and not any(k in f for k in UNDECLARED_ON_PURPOSE)
+    }  # fmt: skip
+    assert declared and not hidden, sorted(hidden)
+
+
 @pytest.mark.slow
 def test_result_neutral_changes_plan_no_expensive_job(finished, tmp_path):
     work, config = finished
