@@ -18,6 +18,7 @@ Accounting goes through slurmdbd because the executor plugin asks `sacct` for jo
 from __future__ import annotations
 
 import collections
+import json
 import os
 import re
 import shutil
@@ -289,15 +290,21 @@ def small_demo_config(path: Path) -> Path:
     return path
 
 
+TRAIN_TASKS = 2  # train runs as a job of 2 tasks (CPU processes, gloo), as docs/cluster.md shows for GPUs
+
+
 def slurm_test_profile(folder: Path) -> tuple[Path, dict]:
-    """profiles/slurm with the placeholders filled in for the test cluster, and without
-    conda (no channel is reachable here; the steps run in this Python environment)."""
+    """profiles/slurm with the placeholders filled in for the test cluster, without conda
+    (no channel is reachable here; the steps run in this Python environment), and `train`
+    made a job of 2 tasks through the profile's resources (`tasks`, `mpi`): the step starts
+    its 2 processes with srun, as a multi-node job does."""
     text = (REPO / "profiles" / "slurm" / "config.yaml").read_text()
     for placeholder, value in PLACEHOLDERS.items():
         assert placeholder in text, f"profiles/slurm documents {placeholder}"
         text = text.replace(placeholder, value)
     profile = yaml.safe_load(text)
     assert profile.pop("software-deployment-method") == "conda"
+    profile["set-resources"]["train"].update(tasks=TRAIN_TASKS, mpi="srun")
     folder.mkdir()
     (folder / "config.yaml").write_text(yaml.safe_dump(profile))
     return folder, profile
@@ -398,8 +405,9 @@ def test_demo_runs_through_slurm_with_the_profile(slurm_cluster, embedded_model,
             assert job["Partition"] == GPU_PARTITION and "gres/gpu:a100=1" in tres, job
         else:
             assert job["Partition"] == CPU_PARTITION and "gres/gpu" not in tres, job
-        if rule == "train":
-            assert f"mem={train_mem}M" in tres and f"cpu={profile['set-threads']['train']}" in tres, job
+        if rule == "train":  # 2 tasks of the profile's CPUs each
+            cpus = TRAIN_TASKS * profile["set-threads"]["train"]
+            assert f"mem={train_mem}M" in tres and f"cpu={cpus}" in tres, job
     assert any(rule_of(j) == "predict" and "teacher" in wildcard_values(j) for j in jobs)
 
     # The tables came out, and each rule and each SLURM job left its log.
@@ -408,7 +416,11 @@ def test_demo_runs_through_slurm_with_the_profile(slurm_cluster, embedded_model,
     assert set(table3["row"]) == {"majority", "base", "synthpert", "teacher"}
     for name in ("table1.csv", "table2.csv", "table5.csv", "models/default/synthpert/loss.png"):
         assert (results / name).stat().st_size > 0, name
-    assert (work / "logs" / "train" / "default" / "synthpert.log").exists()
+    train_log = (work / "logs" / "train" / "default" / "synthpert.log").read_text()
+    assert f"srun: {TRAIN_TASKS} processes on 1 node(s)" in train_log, train_log[-3000:]
+    assert train_log.count("trained 2 steps") == 1  # rank 0 speaks for both
+    metrics = json.loads((results / "models" / "default" / "synthpert" / "train_metrics.json").read_text())
+    assert metrics["processes"] == TRAIN_TASKS and metrics["steps"] == 2
     slurm_logs = work / "logs" / "slurm"
     for job in jobs:
         assert list((slurm_logs / f"rule_{rule_of(job)}").rglob(f"{job['JobID']}.log")), job
