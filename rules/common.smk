@@ -60,7 +60,11 @@ def run_settings(step, **fixed):
     `params: run=run_settings(step)`.
     """
     return lambda wildcards, resources: step_settings.for_step(
-        config, step, resources=dict(resources.items()), **dict(wildcards.items()), **fixed
+        config,
+        step,
+        resources=dict(resources.items()),
+        **dict(wildcards.items()),
+        **fixed,
     ).run_json()
 
 

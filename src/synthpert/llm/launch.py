@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 WORKER = "SYNTHPERT_WORKER"  # set for the workers: they train and never launch again
 VLLM_SERVER = "SYNTHPERT_VLLM_SERVER"  # host:port of the job's `trl vllm-serve` (GRPO, rl.vllm_mode server)
+PR_SET_PDEATHSIG = 1  # prctl(2)
 SERVER_START_S = 1200  # a large student's engine takes minutes to load and compile
 
 
@@ -101,6 +103,16 @@ def _tasks_on_this_node(env: Mapping[str, str]) -> int:
     return counts[min(int(env.get("SLURM_NODEID", 0)), len(counts) - 1)]
 
 
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """On Linux, this process receives `sig` when its parent dies, however it dies (SIGKILL
+    included): torchrun starts each worker in a session of its own, so a killed job would
+    otherwise leave its workers training and writing beside the run that resumes it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig))
+
+
 def world_size() -> int:
     """Processes training together: the launcher's WORLD_SIZE, 1 without a launcher."""
     return int(os.environ.get("WORLD_SIZE", 1))
@@ -122,6 +134,7 @@ def run_step(step_argv: list[str], processes: int, extra_env: Mapping[str, str] 
     """
     launch = plan(processes)
     if launch.launcher == "worker":
+        die_with_parent()
         os.environ.update(worker_environment(os.environ))
         if int(os.environ.get("RANK", 0)) != 0:
             logging.getLogger("synthpert").setLevel(logging.WARNING)
@@ -134,7 +147,8 @@ def run_step(step_argv: list[str], processes: int, extra_env: Mapping[str, str] 
         env.setdefault("MASTER_PORT", str(free_port()))
     argv = command(launch, step_argv, env)
     log.info("%s: %d processes on %d node(s): %s", launch.launcher, launch.processes, launch.nodes, " ".join(argv))
-    done = subprocess.run(argv, env=env)
+    # the launcher stops its workers on SIGTERM; it gets one if this process dies
+    done = subprocess.run(argv, env=env, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
     if done.returncode != 0:
         raise CommandError(
             f"{launch.launcher} training processes ({launch.processes}) failed with exit code {done.returncode}; "
