@@ -42,17 +42,19 @@ def test_launch_plans_and_commands():
     assert plan(1, {}) == Launch("none", 1)
     assert plan(2, {}) == Launch("torchrun", 2)
     assert plan(2, {WORKER: "torchrun", "WORLD_SIZE": "2"}).launcher == "worker"
-    slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_PER_TASK": "8"}
-    assert plan(8, slurm) == Launch("srun", 8, 2)
-    assert plan(2, {**slurm, "SLURM_NTASKS": "1"}) == Launch("torchrun", 2)  # one task (srun -n1): torchrun inside it
+    job = {"NumTasks": 8, "NumNodes": 2, "CPUs/Task": 8}  # what scontrol says of the job
+    batch = {"SLURM_JOB_ID": "7"}  # Snakemake's job step leaves the batch script little more
+    assert plan(8, batch, allocation=lambda _: job) == Launch("srun", 8, 2, 8)
+    assert plan(1, batch, allocation=lambda _: job) == Launch("none", 1)
+    assert plan(2, {**batch, "SLURM_STEP_ID": "0"}) == Launch("torchrun", 2)  # inside `srun -n1`: torchrun
     with pytest.raises(CommandError, match="at least one process"):
         plan(0, {})
 
     step = ["train", "--data", "d.parquet"]
-    assert command(Launch("torchrun", 2), step, {}) == [
+    assert command(Launch("torchrun", 2), step) == [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "--", "synthpert", *step
     ]  # fmt: skip
-    assert command(Launch("srun", 8, 2), step, slurm) == [
+    assert command(Launch("srun", 8, 2, 8), step) == [
         "srun", "--kill-on-bad-exit=1", "--ntasks=8", "--cpus-per-task=8", sys.executable, "-m", "synthpert", *step
     ]  # fmt: skip
 

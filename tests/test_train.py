@@ -75,6 +75,34 @@ def cli_settings(settings: Train) -> list[str]:
     return ["--settings", settings.params_json(), "--run", settings.run_json()]
 
 
+def start_cli(data: Path, out: Path, config: Train) -> subprocess.Popen:
+    """`synthpert train` as a rule runs it, in a process group of its own (with its launcher's workers)."""
+    command = [sys.executable, "-m", "synthpert", "train", "--data", str(data), "--out-dir", str(out)]
+    return subprocess.Popen(
+        [*command, *cli_settings(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+
+
+def finish(proc: subprocess.Popen) -> str:
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr.decode()[-4000:]
+    return stderr.decode()
+
+
+def kill_after_a_checkpoint(proc: subprocess.Popen, out: Path, timeout: float) -> None:
+    """SIGKILL the training's process group once a complete checkpoint is on disk."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not list((out / "checkpoints").glob("checkpoint-*/trainer_state.json")):
+            assert proc.poll() is None, f"training ended before a checkpoint was seen: {proc.stderr.read().decode()}"
+            assert time.monotonic() < deadline, f"no checkpoint within {timeout} s"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.fixture
 def tokenizer(embedded_model):
     return AutoTokenizer.from_pretrained(embedded_model)
@@ -192,18 +220,7 @@ def test_killed_run_resumes_from_last_checkpoint(embedded_model, tmp_path, caplo
     data = write_sft(tmp_path / "sft.parquet", [conversation(i) for i in range(8)])
     out = tmp_path / "out"
     config = settings(str(embedded_model), max_steps=6, save_steps=2)
-    command = [sys.executable, "-m", "synthpert.cli", "train", "--data", str(data), "--out-dir", str(out)]
-    proc = subprocess.Popen([*command, *cli_settings(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 240
-        while not list((out / "checkpoints").glob("checkpoint-*/trainer_state.json")):
-            assert proc.poll() is None, f"training ended before a checkpoint was seen: {proc.stderr.read().decode()}"
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_after_a_checkpoint(start_cli(data, out, config), out, timeout=240)
     assert not (out / "train_metrics.json").exists()
 
     caplog.set_level("INFO", logger="synthpert.steps.train")
@@ -302,19 +319,6 @@ MULTI = {"max_steps": 3, "batch_size": 1, "gradient_accumulation_steps": 2, "sav
 ADAPTER_TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}  # float sums in another order (all-reduce, 1 vs 2 threads)
 
 
-def start_cli(data: Path, out: Path, config: Train) -> subprocess.Popen:
-    command = [sys.executable, "-m", "synthpert", "train", "--data", str(data), "--out-dir", str(out)]
-    return subprocess.Popen(
-        [*command, *cli_settings(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
-
-
-def finish(proc: subprocess.Popen) -> str:
-    _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr.decode()[-4000:]
-    return stderr.decode()
-
-
 def adapter_tensors(out: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -367,18 +371,7 @@ def test_two_processes_train_the_adapter_of_one_process_accumulating(two_process
 def test_killed_two_process_run_resumes_to_the_same_adapter(two_processes, multi_data):
     config, uninterrupted, _ = two_processes
     out = multi_data.parent / "killed"
-    proc = start_cli(multi_data, out, config)
-    try:
-        deadline = time.monotonic() + 300
-        while not list((out / "checkpoints").glob("checkpoint-*/trainer_state.json")):
-            assert proc.poll() is None, f"training ended before a checkpoint was seen: {proc.stderr.read().decode()}"
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_after_a_checkpoint(start_cli(multi_data, out, config), out, timeout=300)  # torchrun and both workers
     assert not (out / "train_metrics.json").exists()
 
     stderr = finish(start_cli(multi_data, out, config))

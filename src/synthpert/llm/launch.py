@@ -6,9 +6,11 @@ process, the command starts itself again as the workers of a launcher and waits 
 * `torchrun` (`torch.distributed.run --standalone`, the engine under `accelerate launch`)
   on one machine, with the process count of the job's resources (`processes`, a run
   setting: see `core.settings.job_processes`);
-* `srun` inside a SLURM allocation of several tasks (a job with the `mpi` resource and
-  `tasks` or `nodes` x `tasks_per_node`: docs/cluster.md), one task per process, on one
+* `srun` in the batch script of a SLURM job of several tasks (a job with the `mpi` resource
+  and `tasks` or `nodes` x `tasks_per_node`: docs/cluster.md), one task per process, on one
   node or many; the workers meet through torch's `env://` rendezvous at the first node.
+  Snakemake's job-step executor strips the allocation's `SLURM_*` variables before it runs
+  the command, so its tasks, nodes and CPUs per task are read from `scontrol show job`.
 
 Each worker runs the same step; transformers' `Trainer` (through accelerate) sees `RANK`,
 `WORLD_SIZE` and `LOCAL_RANK`, joins the process group (NCCL on GPUs, gloo on CPUs) and
@@ -48,27 +50,40 @@ class Launch:
     launcher: str
     processes: int
     nodes: int = 1
+    cpus_per_task: int | None = None
 
 
-def plan(processes: int, env: Mapping[str, str] = os.environ) -> Launch:
-    """The launch of a step asked to run in `processes` processes: a SLURM allocation of
-    several tasks decides by itself (its tasks are the processes); else torchrun for more
-    than one process; else nothing."""
+def plan(processes: int, env: Mapping[str, str] = os.environ, allocation=None) -> Launch:
+    """The launch of a step asked to run in `processes` processes: in a SLURM job's batch
+    script (a job id, no job step), srun with the allocation's tasks; inside a job step
+    (`srun -n1`) or outside SLURM, torchrun; one process, nothing. `allocation(job_id)`
+    reads the job's tasks, nodes and CPUs per task (default: `slurm_allocation`)."""
     if processes < 1:
         raise CommandError(f"a training step needs at least one process, got {processes}")
     if env.get(WORKER):
         return Launch("worker", int(env.get("WORLD_SIZE", 1)))
-    tasks = int(env.get("SLURM_NTASKS", 1)) if env.get("SLURM_JOB_ID") else 1
-    if tasks > 1:
+    if processes == 1:
+        return Launch("none", 1)
+    if env.get("SLURM_JOB_ID") and not env.get("SLURM_STEP_ID"):
+        job = (allocation or slurm_allocation)(env["SLURM_JOB_ID"])
+        tasks = job.get("NumTasks", processes)
         if tasks != processes:
-            log.warning("the SLURM allocation has %d tasks: training in %d processes, not %d", tasks, tasks, processes)
-        return Launch("srun", tasks, int(env.get("SLURM_JOB_NUM_NODES", 1)))
-    if processes > 1:
-        return Launch("torchrun", processes)
-    return Launch("none", 1)
+            log.warning("the SLURM job has %d tasks: training in %d processes, not %d", tasks, tasks, processes)
+        return Launch("srun", tasks, job.get("NumNodes", 1), job.get("CPUs/Task"))
+    return Launch("torchrun", processes)
 
 
-def command(launch: Launch, step_argv: list[str], env: Mapping[str, str] = os.environ) -> list[str]:
+def slurm_allocation(job_id: str) -> dict[str, int]:
+    """NumTasks, NumNodes and CPUs/Task of a SLURM job (`scontrol show job`); {} if unknown."""
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    fields = dict(item.split("=", 1) for item in shown.stdout.split() if "=" in item)
+    return {k: int(fields[k]) for k in ("NumTasks", "NumNodes", "CPUs/Task") if fields.get(k, "").isdigit()}
+
+
+def command(launch: Launch, step_argv: list[str]) -> list[str]:
     """The command line that starts the workers of `launch`, each running `synthpert <step_argv>`."""
     step = [sys.executable, "-m", "synthpert", *step_argv]
     if launch.launcher == "torchrun":
@@ -76,7 +91,7 @@ def command(launch: Launch, step_argv: list[str], env: Mapping[str, str] = os.en
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={launch.processes}",
                 "-m", "--", "synthpert", *step_argv]  # fmt: skip
     if launch.launcher == "srun":
-        cpus = [f"--cpus-per-task={env['SLURM_CPUS_PER_TASK']}"] if env.get("SLURM_CPUS_PER_TASK") else []
+        cpus = [f"--cpus-per-task={launch.cpus_per_task}"] if launch.cpus_per_task else []
         return ["srun", "--kill-on-bad-exit=1", f"--ntasks={launch.processes}", *cpus, *step]
     raise ValueError(f"no command starts workers for launcher {launch.launcher!r}")
 
@@ -145,7 +160,7 @@ def run_step(step_argv: list[str], processes: int, extra_env: Mapping[str, str] 
     if launch.launcher == "srun":
         env.setdefault("MASTER_ADDR", socket.gethostname())  # the batch host is the first node: task 0 runs there
         env.setdefault("MASTER_PORT", str(free_port()))
-    argv = command(launch, step_argv, env)
+    argv = command(launch, step_argv)
     log.info("%s: %d processes on %d node(s): %s", launch.launcher, launch.processes, launch.nodes, " ".join(argv))
     # the launcher stops its workers on SIGTERM; it gets one if this process dies
     done = subprocess.run(argv, env=env, preexec_fn=lambda: die_with_parent(signal.SIGTERM))

@@ -349,7 +349,8 @@ def train(data, cfg: Train, out_dir, checkpoint_dir=None) -> dict[str, Any] | No
         "%d conversations (%d tokens) with %s; loss: %s", len(kept), kept_tokens, template.source, template.loss
     )
 
-    model = load_student(student, dtype, cfg.load_in_4bit, cfg.model.revision, sharded=cfg.sharding != "none")
+    sharded = cfg.sharding != "none" and launch.world_size() > 1  # FSDP needs several processes
+    model = load_student(student, dtype, cfg.load_in_4bit, cfg.model.revision, sharded=sharded)
     counter = TokenCounter()
     trainer = build_trainer(model, tokenizer, kept, cfg, template, checkpoint_dir, [counter])
     # What decides the weights: a checkpoint of other data or settings is never resumed
@@ -357,7 +358,7 @@ def train(data, cfg: Train, out_dir, checkpoint_dir=None) -> dict[str, Any] | No
     # count; sharding does, since FSDP writes its checkpoints in its own layout). Rank 0
     # cleans up first, the other processes then find the same checkpoint.
     identity = {**cfg.params(), "student": student, "dtype": dtype_name, "template": template.text}
-    if cfg.sharding != "none":
+    if sharded:
         identity["sharding"] = cfg.sharding
     with trainer.accelerator.main_process_first():
         resume = resume_point(checkpoint_dir, fingerprint(data, identity))
