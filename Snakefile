@@ -19,6 +19,12 @@ if not workflow.overwrite_configfiles:
 validate(config, "src/synthpert/core/schema.yaml")
 
 
+# With --sdm conda apptainer, every rule runs in this image, in its conda environment built
+# into it (containers/synthpert.def, docs/cluster.md); other deployment methods ignore it.
+# It is read where a rule is defined, so it stands before the includes.
+containerized: f"{workflow.basedir}/containers/synthpert.sif"
+
+
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/traces.smk"

@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--controls", type=int, default=5000)
     parser.add_argument("--genes", type=int, default=8000)
     parser.add_argument("--fit", type=int, default=20, help="perturbations fitted (0 = all)")
-    parser.add_argument("--method", default="deseq2", choices=["deseq2", "wilcoxon"])
+    parser.add_argument("--method", default="deseq2", choices=["deseq2", "wilcoxon", "pdex"])
     parser.add_argument("--threads", type=int, default=1, help="worker processes for the DESeq2 fits")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -111,6 +111,11 @@ def all_targets():
         targets.append("results/table4.csv")
         views.append("4")
     targets += expand("results/plots/views_table{n}.png", n=views)
+    if config["evaluate"]["cell_eval"]:
+        targets += [
+            "results/screen_scores.csv",
+            "results/plots/screen_scores_auroc.png",
+        ]
     for split in SPLITS:
         targets += [
             f"results/plots/{split}/roc_de3.png",
@@ -204,6 +209,23 @@ def screen_targets():
         f"results/screens/{s['model']}/{s['cell']}/{s['pert']}.csv"
         for s in config["screens"]
     ]
+
+
+def score_screens_inputs(wildcards):
+    """Every row's predictions of the default split, every configured screen's Parquet, and
+    derive's statistics of each derived cell line (its real side)."""
+    return {
+        "predictions": all_predictions("default"),
+        "screens": [t.removesuffix(".csv") + ".parquet" for t in screen_targets()],
+        "stats": [
+            f"results/derived/{c}/stats.parquet" for c in config["data"]["derive"]
+        ],
+    }
+
+
+def score_screens_stats(wildcards, input):
+    """`--stats CELL=PATH` arguments of the derived cell lines."""
+    return " ".join(f"{c}={p}" for c, p in zip(config["data"]["derive"], input.stats))
 
 
 def cell_files(cell):

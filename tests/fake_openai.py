@@ -3,8 +3,13 @@ benchmark: chat completions, file upload/download and the Batch API.
 
 It binds 127.0.0.1 on a free port and serves from a thread (stdlib only). Behaviour is
 scriptable per question: `server.script(text, *actions)` makes the next requests whose
-last user message is `text` take those actions in turn (then answer normally). Every
-chat request received is recorded in `server.received`, so tests can check what was sent.
+last user message is `text` take those actions in turn (then answer normally), and
+`server.outage(start, count)` makes chat requests number start .. start+count-1 (in order
+of arrival, whatever they ask) answer HTTP 503. Every chat request received is recorded in
+`server.received`, so tests can check what was sent, and every answer it sent (HTTP 200)
+in `server.billed` with its tokens: what a real endpoint would charge, whether or not the
+client was still there to read it. `server.served_model(body)` names the model an answer
+says it came from (default: the model asked for).
 """
 
 from __future__ import annotations
@@ -63,6 +68,9 @@ class FakeOpenAI:
         self._scripts: dict[str, deque] = defaultdict(deque)
         self._files: dict[str, bytes] = {}
         self._batches: dict[str, dict] = {}
+        self.billed: list[dict] = []  # every HTTP 200 chat answer: question, prompt and completion tokens
+        self.served_model = lambda body: body.get("model", "")
+        self._outage: range = range(0)
         self._lock = threading.Lock()
         self._httpd = _Server(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
@@ -84,6 +92,17 @@ class FakeOpenAI:
         with self._lock:
             self._scripts[question].extend(actions)
 
+    def outage(self, start: int, count: int) -> None:
+        """Chat requests number start .. start+count-1 (0-based, in order of arrival) get HTTP 503."""
+        with self._lock:
+            self._outage = range(start, start + count)
+
+    def billed_usd(self, price: dict) -> float:
+        """What the answers sent cost at `price` (USD per million input and output tokens)."""
+        with self._lock:
+            return sum(b["prompt_tokens"] * price["input"] + b["completion_tokens"] * price["output"]
+                       for b in self.billed) / 1e6  # fmt: skip
+
     def questions_received(self) -> list[str]:
         with self._lock:
             return [r["question"] for r in self.received]
@@ -96,6 +115,8 @@ class FakeOpenAI:
         question = user[-1] if user else ""
         with self._lock:
             action = self._scripts[question].popleft() if self._scripts[question] else {}
+            if len(self.received) in self._outage:
+                action = server_error(503)
             self.received.append(
                 {"question": question, "body": body, "auth": auth, "time": time.monotonic(), "action": action}
             )
@@ -109,7 +130,7 @@ class FakeOpenAI:
             "id": f"chatcmpl-{len(self.received)}",
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": body.get("model", ""),
+            "model": self.served_model(body),
             "choices": [
                 {
                     "index": 0,
@@ -123,6 +144,8 @@ class FakeOpenAI:
                 "total_tokens": 0,
             },
         }
+        with self._lock:
+            self.billed.append({"question": question, **{k: completion["usage"][k] for k in ("prompt_tokens", "completion_tokens")}})
         return 200, {}, completion, action.get("hang", self.delay)
 
     # -- files and batches ---------------------------------------------------------------

@@ -25,6 +25,7 @@ from synthpert.core.labels import CELLS, CLASS_NAMES, NOT_DE, UP, class_probabil
 from synthpert.core.settings import Generation
 from synthpert.errors import CommandError
 from synthpert.evaluation.answers import answer_records, build_requests
+from synthpert.llm.requests import Response
 from synthpert.tools import ask, screen
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,5 +276,9 @@ def test_evaluate_requests_and_records_shared_with_ask():
     requests = build_requests(rows, generation, local=True)
     assert [r.tag for r in requests] == ["a|de3", "b|de3", "b|dir"]
     assert requests[2].options == ("downregulated", "upregulated")
-    with pytest.raises(CommandError, match=re.escape("no answer for a|de3")):
-        answer_records(rows, requests, {}, "m")
+    with pytest.raises(ValueError):  # one response per request, in order
+        answer_records(rows, requests, [])
+    answers = [Response(r.key("m"), r.tag, "", "error", error="http 400: too long") for r in requests]
+    records = answer_records(rows, requests, answers)
+    assert {r["status"] for r in records} == {"failed"} and {r["pred"] for r in records} == {None}
+    assert all(r.get("score_de") is None and r.get("score_up") is None for r in records)  # a failure is never scored

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from synthpert.errors import CommandError
 from synthpert.llm.backends import make_backend
 from synthpert.llm.identity import api_identity
 from synthpert.llm.openai_api import OpenAIBackend
-from synthpert.llm.requests import Request, RequestLog, SpendingGuard
+from synthpert.llm.requests import Request, RequestLog, SpendingGuard, run_requests
 
 KEY_ENV = "SYNTHPERT_TEST_OPENAI_KEY"
 SENTINEL = "sk-SENTINEL-7f3a9c1e-never-write-me"
@@ -81,7 +82,8 @@ def test_answers_are_logged_with_usage(server, tmp_path):
     assert body["max_completion_tokens"] == 32 and "max_tokens" not in body
     assert body["temperature"] == 0.0 and "reasoning_effort" not in body and "response_format" not in body
     assert server.received[0]["auth"] == f"Bearer {SENTINEL}"
-    assert RequestLog(log.path).usage() == {"requests": 5, "prompt_tokens": 15, "completion_tokens": 5, "errors": 0}
+    assert RequestLog(log.path).usage() == {"requests": 5, "prompt_tokens": 15, "completion_tokens": 5, "errors": 0,
+                                            "transient_errors": 0, "served_models": {"fake-model": 5}}  # fmt: skip
 
 
 def test_reasoning_effort_and_response_format_are_sent_only_when_set(server, tmp_path):
@@ -131,24 +133,72 @@ def test_malformed_and_truncated_answers_are_recorded_as_they_are(server, tmp_pa
     assert (second.text, second.finish_reason) == ("<think>cut off", "length")
 
 
-def test_final_failures_are_recorded_once_and_not_resent(server, tmp_path):
+def test_permanent_failures_are_final_and_transient_ones_asked_again(server, tmp_path):
     server.script("q0", server_error(400))  # permanent
-    server.script("q1", *[server_error(500)] * 3)  # retries exhausted (max_retries 2)
+    server.script("q1", *[server_error(500)] * 3)  # retries exhausted (max_retries 2): transient
     path = tmp_path / "log.jsonl"
     backend = fast_backend(spec_for(server, max_retries=2))
     requests = questions(3)
     results = backend.run(requests, RequestLog(path))
     bad, exhausted, fine = (results[r.key(api_identity(spec_for(server)))] for r in requests)
-    assert bad.finish_reason == "error" and bad.error.startswith("http 400")
-    assert exhausted.finish_reason == "error" and exhausted.error.startswith("gave up after 3 attempts: http 500")
-    assert fine.finish_reason == "stop"
+    assert bad.failed and not bad.transient and bad.error.startswith("http 400")
+    assert exhausted.failed and exhausted.transient and exhausted.error.startswith("gave up after 3 attempts: http 500")
+    assert fine.finish_reason == "stop" and not fine.failed
     assert Counter(server.questions_received()) == {"q0": 1, "q1": 3, "q2": 1}
+    assert RequestLog(path).usage()["errors"] == 1 and RequestLog(path).usage()["transient_errors"] == 1
 
     sent = len(server.received)
     again = backend.run(requests, RequestLog(path))
-    assert len(server.received) == sent  # nothing resent
-    assert again == results
-    assert RequestLog(path).usage()["errors"] == 2
+    assert server.questions_received()[sent:] == ["q1"]  # only the transient failure is asked again
+    assert again[requests[0].key(backend.model)] == bad
+    assert again[requests[1].key(backend.model)].text == default_answer("q1")
+    third = backend.run(requests, RequestLog(path))
+    assert len(server.received) == sent + 1 and all(not r.failed for k, r in third.items() if k != bad.key)
+
+
+def test_run_requests_stops_on_transient_failures_naming_the_log(server, tmp_path):
+    server.script("q1", *[server_error(503)] * 2)
+    backend = fast_backend(spec_for(server, max_retries=1))
+    requests = questions(3)
+    with RequestLog(tmp_path / "log.jsonl") as log, pytest.raises(CommandError) as err:
+        run_requests(backend, requests, log, None, "predict teacher k562#0")
+    message = str(err.value)
+    assert "predict teacher k562#0: 1 of 3 requests failed" in message and str(tmp_path / "log.jsonl") in message
+    assert "asks exactly the failed requests again" in message
+    with RequestLog(tmp_path / "log.jsonl") as log:  # the endpoint is back
+        answers = run_requests(backend, requests, log, None, "predict teacher k562#0")
+    assert [a.text for a in answers] == [default_answer(f"q{i}") for i in range(3)]
+    assert Counter(server.questions_received()) == {"q0": 1, "q1": 3, "q2": 1}
+
+
+def test_transient_failures_logged_by_older_versions_are_asked_again(server, tmp_path):
+    """Before failures had a `transient` flag, an exhausted retry was logged as a final error
+    ("gave up after ..."): such lines are read as transient, a 400 stays final."""
+    backend = fast_backend(spec_for(server))
+    requests = questions(2)
+    path = tmp_path / "log.jsonl"
+    lines = [
+        {"key": requests[0].key(backend.model), "tag": "t0", "text": "", "finish_reason": "error",
+         "error": "gave up after 7 attempts: http 503: down", "model": backend.model, "time": 1.0},
+        {"key": requests[1].key(backend.model), "tag": "t1", "text": "", "finish_reason": "error",
+         "error": "http 400: bad request", "model": backend.model, "time": 1.0},
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    backend.run(requests, RequestLog(path))
+    assert server.questions_received() == ["q0"]
+
+
+def test_served_model_is_logged_and_several_are_reported(server, tmp_path, caplog):
+    backend = fast_backend(spec_for(server))
+    requests = questions(4)
+    served = iter(["snap-2025-01-01", "snap-2025-01-01", "snap-2025-06-01", "snap-2025-06-01"])
+    server.served_model = lambda body: next(served)
+    with RequestLog(tmp_path / "log.jsonl") as log, caplog.at_level("WARNING"):
+        answers = run_requests(backend, requests, log, None, "predict teacher k562#0")
+        usage = log.usage()
+    assert sorted(a.served_model for a in answers) == ["snap-2025-01-01"] * 2 + ["snap-2025-06-01"] * 2
+    assert usage["served_models"] == {"snap-2025-01-01": 2, "snap-2025-06-01": 2}
+    assert "2 different served models" in caplog.text
 
 
 def test_spending_guard_stops_the_run(server, tmp_path):
@@ -277,3 +327,43 @@ def test_local_only_features_are_refused_before_sending(server, tmp_path):
     with pytest.raises(CommandError, match="max_new_tokens"):
         backend.run([Request(messages=(("user", "q"),), max_new_tokens=0)], RequestLog(tmp_path / "log.jsonl"))
     assert server.received == []
+
+
+def test_equal_settings_written_another_way_pay_nothing_again(server, tmp_path):
+    """`temperature: 0` for `0.0`, `top_p: 1` for `1.0`, a trailing slash on the endpoint:
+    the same requests, answered from the log."""
+    path = tmp_path / "log.jsonl"
+    messages = [(("user", f"q{i}"),) for i in range(4)]
+    first = [Request(messages=m, max_new_tokens=32, temperature=0.0, top_p=1.0) for m in messages]
+    fast_backend(spec_for(server)).run(first, RequestLog(path))
+    sent = len(server.received)
+    again = [Request(messages=m, max_new_tokens=32.0, temperature=0, top_p=1) for m in messages]
+    backend = fast_backend(spec_for(server, base_url=server.base_url + "/"))
+    answers = backend.run(again, RequestLog(path))
+    assert len(server.received) == sent and len(answers) == 4
+
+
+def test_answers_logged_under_older_key_forms_are_reused_and_relogged(server, tmp_path):
+    """Before keys were canonical they hashed the numbers and the endpoint as configured:
+    an answer logged so (here `temperature: 0`, an endpoint with a trailing slash) is found,
+    re-logged under its canonical key, and never paid again."""
+    spec = spec_for(server, base_url=server.base_url + "/")
+    request = Request(messages=(("user", "q0"),), max_new_tokens=32, temperature=0, tag="t0")
+    fields = {f: getattr(request, f) for f in ("messages", "max_new_tokens", "temperature", "top_p", "reasoning_effort",
+                                               "response_format", "prefill", "options", "option_tag")}  # fmt: skip
+    fields["temperature"] = 0  # as configured, before numbers were canonical
+    old_model = f"fake-model@{server.base_url}/"
+    payload = json.dumps({"model": old_model, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}},
+                         sort_keys=True, ensure_ascii=False)  # fmt: skip
+    old_key = hashlib.sha256(payload.encode()).hexdigest()
+    path = tmp_path / "log.jsonl"
+    line = {"key": old_key, "tag": "t0", "text": "<answer>paid for</answer>", "finish_reason": "stop",
+            "prompt_tokens": 3, "completion_tokens": 2, "model": old_model, "time": 1.0}  # fmt: skip
+    path.write_text(json.dumps(line) + "\n")
+    backend = fast_backend(spec)
+    answers = backend.run([request], RequestLog(path))
+    assert server.received == [] and answers[request.key(backend.model)].text == "<answer>paid for</answer>"
+    log = RequestLog(path)
+    assert request.key(backend.model) in log and log.usage()["requests"] == 1  # re-logged, counted once
+    backend.run([request], RequestLog(path))
+    assert server.received == [] and len(path.read_text().splitlines()) == 2

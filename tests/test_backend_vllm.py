@@ -18,6 +18,7 @@ pytest.importorskip("vllm")
 
 from synthpert.core.labels import CLASS_NAMES, DOWN, NOT_DE, UP  # noqa: E402
 from synthpert.core.prompts import question_messages  # noqa: E402
+from synthpert.errors import CommandError  # noqa: E402
 from synthpert.llm.backends import backend_family  # noqa: E402
 from synthpert.llm.local import LocalBackend  # noqa: E402
 from synthpert.llm.requests import Request, RequestLog, SpendingGuard  # noqa: E402
@@ -150,3 +151,15 @@ def test_an_adapter_answers_as_through_peft(embedded_model, backend, tmp_path):
         assert g.text == w.text
         for option in OPTIONS:
             assert g.option_logprobs[option] == pytest.approx(w.option_logprobs[option], abs=1e-3)
+
+
+def test_a_request_whose_scoring_would_not_fit_is_refused_before_generation(backend, embedded_model, tmp_path):
+    """prompt + max_new_tokens fits max_model_len, but the scoring context after a generation
+    cut at max_new_tokens (`</think><answer>` + the longest option) would not: refused before
+    the engine generates anything (a paid generation would otherwise fail after the fact)."""
+    request = question(*QUESTIONS[0])
+    prompt = len(backend._encode(backend.render(request) + request.prefill))
+    small = VLLMBackend({**spec(embedded_model), "backend": "vllm", "max_model_len": prompt + request.max_new_tokens + 3})
+    with pytest.raises(CommandError, match=r"tokens to score its answer options exceed max_model_len .*Raise max_model_len"):
+        small.run([request], RequestLog(tmp_path / "log.jsonl"))
+    assert small.engine.llm is None and not (tmp_path / "log.jsonl").exists()

@@ -4,8 +4,11 @@ and resumed when it is raised."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import signal
+import time
 import subprocess
 import sys
 import threading
@@ -26,7 +29,7 @@ from synthpert.llm.budget import (
     spending_guard,
     worst_prompt_tokens,
 )
-from synthpert.llm.requests import OK, STOP, WAIT, Request, RequestLog, SpendingGuard
+from synthpert.llm.requests import OK, STOP, WAIT, Request, RequestLog, Response, SpendingGuard
 from synthpert.steps.traces import draw_sample
 
 KEY_ENV = "SYNTHPERT_TEST_BUDGET_KEY"
@@ -61,16 +64,42 @@ def test_reservations_fit_wait_for_requests_in_flight_then_stop(tmp_path):
     assert other.totals() == ({"traces": pytest.approx(0.8)}, {"critic": pytest.approx(0.6)})
 
 
-def test_reservations_of_a_killed_job_keep_counting_until_resent(tmp_path):
+def test_reservations_of_a_killed_job_count_as_spent_until_their_answers_arrive(tmp_path):
+    log = tmp_path / "x.requests.jsonl"
     path = tmp_path / "ledger.jsonl"
-    dead = {"op": "reserve", "id": "log#k", "step": "traces", "usd": 0.9, "host": "elsewhere", "pid": 1, "time": 0}
+    price = Price.of(PRICE)
+    dead = {"op": "reserve", "id": f"{log}#k#1.0", "step": "traces", "usd": 0.9, "host": "elsewhere", "pid": 1,
+            "time": 0, "scope": str(log), "key": "k", "price": dataclasses.asdict(price), "batch": False}  # fmt: skip
     path.write_text(json.dumps(dead) + "\n" + '{"op": "settle", "id": "x", "st')  # and a torn last line
     ledger = Ledger(path)
     caps = {"traces": 1.0, None: None}
-    assert ledger.reserve("log#other", 0.2, "traces", caps)[0] == STOP  # 0.9 may have been billed; not in flight
-    assert ledger.reserve("log#k", 0.2, "traces", caps)[0] == OK  # the rerun replaces its own reservation
-    assert path.read_text().count("\n") == 3  # the torn line was ended, not glued to the next one
-    assert Ledger(path).totals() == ({}, {"traces": pytest.approx(0.2)})
+    # 0.9 may have been billed and is not in flight: a rerun's reservation for the same request
+    # has an id of its own and replaces nothing
+    assert ledger.reserve(f"{log}#k#2.0", 0.2, "traces", caps)[0] == STOP
+    assert path.read_text().count("\n") == 2  # the torn line was ended, not glued to the next one
+    assert ledger.reconcile() == 0  # its answer has not arrived: still spent
+    # the answer arrives in the reservation's request log: it settles at that answer's cost
+    with RequestLog(log) as answers:
+        answers.append(Response("k", "t", "an answer", "stop", prompt_tokens=1000, completion_tokens=100), "m")
+    assert Ledger(path).reconcile() == 1
+    assert Ledger(path).totals() == ({"traces": pytest.approx(price.usd(1000, 100))}, {})
+    assert Ledger(path).reserve(f"{log}#k#2.0", 0.2, "traces", caps)[0] == OK
+
+
+def test_every_attempt_is_reserved_and_a_failed_one_settles_by_what_it_may_have_cost(tmp_path):
+    price = Price.of(PRICE)
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    guard = BudgetGuard(ledger, "evaluate", {"evaluate": 10.0, None: None}, price, False, "log")
+    request = ask("q", max_new_tokens=10)
+    worst = guard.worst_usd(request)
+    assert guard.claim("k", request) == OK
+    guard.release("k", maybe_billed=False)  # an HTTP 503: not billed
+    assert guard.claim_retry("k", request) == OK and ledger.totals() == ({"evaluate": 0.0}, {"evaluate": worst})
+    guard.release("k", maybe_billed=True)  # a time-out: the server may have done the work
+    assert guard.claim_retry("k", request) == OK
+    guard.charge(Response("k", "t", "a", "stop", prompt_tokens=5, completion_tokens=2))
+    assert ledger.totals() == ({"evaluate": pytest.approx(worst + price.usd(5, 2))}, {})
+    assert guard.requests == 1  # retries are attempts, not more requests
 
 
 def test_threads_of_one_process_take_turns_on_the_ledger(tmp_path, caplog):
@@ -141,25 +170,27 @@ def split_table(n: int = 80) -> pl.DataFrame:
     return pl.DataFrame(rows).with_columns(pl.col("label", "de").cast(pl.Int8), pl.col("direction").cast(pl.Int8))
 
 
-def run_shards(work: Path, server: FakeOpenAI, budget: float) -> list[subprocess.CompletedProcess]:
-    """`synthpert traces run` for shards 0 and 1, started together, as two processes."""
+def start_traces(work: Path, server: FakeOpenAI, budget: float, shard: int, shards: int) -> subprocess.Popen:
+    """`synthpert traces run` for one shard, as its own process."""
     teacher = {"backend": "openai", "model": "fake-model", "base_url": server.base_url, "api_key_env": KEY_ENV,
                "max_concurrency": 3, "price": PRICE}  # fmt: skip
     config = demo_config(**{
-        "models.teacher": teacher, "traces.shards": 2, "traces.generation": {"max_new_tokens": 64},
+        "models.teacher": teacher, "traces.shards": shards, "traces.generation": {"max_new_tokens": 64},
         "traces.budget_usd": budget, "budget.ledger": str(work / "ledger.jsonl"),
     })  # fmt: skip
     settings = step_settings("traces", config)
     env = {**os.environ, KEY_ENV: "sk-test", "PYTHONPATH": str(REPO / "src")}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "synthpert", "traces", "run", "--sample", str(work / "sample.parquet"),
-             "--cell", "k562", "--shard", str(shard), "--settings", settings.params_json(), "--run", settings.run_json(),
-             "--out", str(work / f"{shard}.parquet")],
-            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        for shard in (0, 1)
-    ]
+    return subprocess.Popen(
+        [sys.executable, "-m", "synthpert", "traces", "run", "--sample", str(work / "sample.parquet"),
+         "--cell", "k562", "--shard", str(shard), "--settings", settings.params_json(), "--run", settings.run_json(),
+         "--out", str(work / f"{shard}.parquet")],
+        cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def run_shards(work: Path, server: FakeOpenAI, budget: float) -> list[subprocess.CompletedProcess]:
+    """`synthpert traces run` for shards 0 and 1, started together, as two processes."""
+    procs = [start_traces(work, server, budget, shard, 2) for shard in (0, 1)]
     done = []
     for proc in procs:
         out, err = proc.communicate(timeout=120)
@@ -242,3 +273,35 @@ def test_batch_api_submits_what_fits_at_half_price_and_says_why_it_stopped(tmp_p
     paid = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     spent = sum(price.usd(r["prompt_tokens"], r["completion_tokens"], batch=True) for r in paid)
     assert ledger.totals() == ({"evaluate": pytest.approx(spent)}, {})
+
+
+@pytest.mark.slow
+def test_the_cap_holds_what_the_server_bills_through_kills_and_reruns(tmp_path):
+    """A job killed (SIGKILL) with requests in flight, twice, then run until the budget stops
+    it: every answer the server sent (billed whether or not the client lived to read it)
+    was reserved in the ledger, so the server's bill never exceeds the cap."""
+    sample = draw_sample(split_table(60), Sample(fraction=None, count=None, seed=88, balanced=False), shards=1)
+    sample.write_parquet(tmp_path / "sample.parquet")
+    cap = 1.2
+    with FakeOpenAI(delay=0.4) as server:
+        for kill in (1, 2):
+            job = start_traces(tmp_path, server, cap, 0, 1)
+            deadline = time.monotonic() + 60
+            while len(server.received) < 6 * kill and time.monotonic() < deadline:  # requests in flight
+                time.sleep(0.05)
+            job.send_signal(signal.SIGKILL)
+            job.communicate()
+            assert job.returncode == -signal.SIGKILL
+        last = start_traces(tmp_path, server, cap, 0, 1)
+        out, err = last.communicate(timeout=180)
+        billed = server.billed_usd(PRICE)
+        answered = {r["question"] for r in server.billed}
+    assert last.returncode == 1 and "the traces budget (traces.budget_usd) of $1.2000" in err, err[-2000:]
+    assert not (tmp_path / "0.parquet").exists()
+    spent, held = Ledger(tmp_path / "ledger.jsonl").totals()
+    assert 0 < billed <= cap, (billed, spent, held)
+    assert billed <= spent.get("traces", 0) + held.get("traces", 0) + 1e-9  # the ledger never under-counts
+    # some requests were billed twice (killed in flight, asked again), none was lost
+    assert len(server.billed) > len(answered) and len(RequestLog(tmp_path / "0.requests.jsonl")) == len(
+        {r["key"] for r in logged(tmp_path, 0)}
+    )

@@ -62,7 +62,10 @@ def write_variant(tmp_path, edit) -> Path:
     return path
 
 
-@pytest.mark.parametrize("method", ["deseq2", "wilcoxon"])
+NO_PDEX = pytest.mark.skipif(importlib.util.find_spec("pdex") is None, reason="pdex not installed (extra celleval)")
+
+
+@pytest.mark.parametrize("method", ["deseq2", "wilcoxon", pytest.param("pdex", marks=NO_PDEX)])
 def test_planted_effects_are_recovered_with_their_direction(screen, method):
     path, planted = screen
     stats, summary = step.derive(path, settings(method=method))
@@ -72,7 +75,8 @@ def test_planted_effects_are_recovered_with_their_direction(screen, method):
     wrong_direction = [k for k in hits if (planted[k] > 0) != (called[k] == 1)]
     print(
         f"\n{method}: {len(planted)} planted DE tuples, {len(called)} called, {len(hits)} right: "
-        f"precision {precision:.3f}, recall {recall:.3f}, wrong directions {len(wrong_direction)}"
+        f"precision {precision:.3f}, recall {recall:.3f}, wrong directions {len(wrong_direction)}, "
+        f"{summary['seconds']} s"
     )
     assert precision >= 0.8 and recall >= 0.8
     assert not wrong_direction

@@ -1,16 +1,20 @@
 """The per-rule conda environments (envs/), checked statically: no conda channel is
 reachable here, so nothing is solved or installed.
 
-Every rule that runs a step names an environment file of envs/; each file parses; each
-provides the third-party packages the step imports (the module of its
-`python -m synthpert <step>` and, transitively, every synthpert module that one imports,
-imports inside functions included); and every version pin equals pyproject.toml's.
+Every rule that runs a step names an environment file of envs/; each file parses and is a
+lock (Python and pip from conda, every other package pinned with its hashes; `make lock`
+writes them, tests/test_locks.py checks them against their inputs); each provides the
+third-party packages the step imports (the module of its `python -m synthpert <step>` and,
+transitively, every synthpert module that one imports, imports inside functions included)
+as a package its lock was asked for (locks/sources.toml); and the versions locked for
+those meet pyproject.toml's specifiers.
 Rules put the checkout's src/ on PYTHONPATH, so no environment installs synthpert itself.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -30,8 +34,6 @@ from synthpert.cli import COMMANDS
 
 REPO = Path(__file__).resolve().parents[1]
 ENVS = REPO / "envs"
-# conda-forge package -> the PyPI distribution it provides, where the names differ.
-CONDA_TO_PYPI = {"pytorch": "torch", "pytorch-gpu": "torch", "matplotlib-base": "matplotlib"}
 # What a module needs at run time that no import statement shows.
 RUNTIME_NEEDS = {
     "synthpert.llm.embedded": {"gguf", "pip"},  # transformers reads the GGUF through gguf; pip fetches the wheel
@@ -90,7 +92,7 @@ def rules(tmp_path_factory) -> dict[str, dict]:
 
 
 def load_env(path: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """(conda dependencies, pip dependencies) of an environment file: name -> version spec."""
+    """(conda dependencies: name -> version spec, pip's: name -> the exact version locked)."""
     env = yaml.safe_load(path.read_text())
     assert isinstance(env, dict) and env.get("channels") and env.get("dependencies"), path
     conda, pip = {}, {}
@@ -98,20 +100,23 @@ def load_env(path: Path) -> tuple[dict[str, str], dict[str, str]]:
         if isinstance(dep, dict):
             assert set(dep) == {"pip"}, f"{path}: unexpected {dep}"
             for line in dep["pip"]:
-                req = Requirement(line)
-                pip[canonicalize_name(req.name)] = str(req.specifier)
+                requirement, *hashes = line.split(" --hash=")
+                req = Requirement(requirement)
+                assert hashes and all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in hashes), f"{path}: {req.name} has no hashes"
+                (version,) = [s.version for s in req.specifier if s.operator == "=="]
+                pip[canonicalize_name(req.name)] = version
         else:
             name, spec = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*(.*)", dep).groups()
             conda[name.lower()] = spec
-    if pip:
-        assert "pip" in conda, f"{path}: a pip: section needs pip among the conda dependencies"
+    assert set(conda) == {"python", "pip"}, f"{path}: conda supplies Python and pip only, not {set(conda) - {'python', 'pip'}}"
     return conda, pip
 
 
 def provided(path: Path) -> set[str]:
-    """PyPI names of everything an environment file installs."""
-    conda, pip = load_env(path)
-    return {canonicalize_name(CONDA_TO_PYPI.get(n, n)) for n in conda} | set(pip)
+    """PyPI names of the packages an environment's lock was asked for (locks/sources.toml),
+    and pip, which conda supplies."""
+    packages = tomllib.loads((REPO / "locks" / "sources.toml").read_text())["cluster"]["envs"][path.stem]["packages"]
+    return {canonicalize_name(Requirement(p).name) for p in packages} | {"pip"}
 
 
 def pyproject_pins() -> dict[str, str]:
@@ -169,6 +174,7 @@ def third_party_needs(rule: str, step_module: str) -> dict[str, str]:
     return needs
 
 
+@functools.cache  # packages_distributions() reads every installed distribution: a second each
 def distribution(import_name: str) -> str:
     """The PyPI distribution that installs an import name (itself when not installed here)."""
     dists = importlib.metadata.packages_distributions().get(import_name, [import_name])
@@ -193,20 +199,17 @@ def test_every_rule_names_an_existing_environment(rules):
 
 
 @pytest.mark.parametrize("path", sorted(ENVS.glob("*.yaml")), ids=lambda p: p.name)
-def test_environment_file_parses_and_pins_agree_with_pyproject(path):
+def test_environment_file_parses_and_its_lock_meets_pyproject(path):
     env = yaml.safe_load(path.read_text())
     assert env["channels"][0] == "conda-forge", path
-    conda, pip = load_env(path)
-    python = conda.pop("python")
+    conda, locked = load_env(path)
     requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
-    assert SpecifierSet(requires).contains(python.lstrip("=")), f"{path}: python{python} vs {requires}"
-    conda.pop("pip", None)
-    pins = pyproject_pins()
-    checked = {**{CONDA_TO_PYPI.get(n, n): s for n, s in conda.items()}, **pip}
-    for name, spec in checked.items():
-        name = canonicalize_name(name)
-        assert name in pins, f"{path}: {name} is not a dependency in pyproject.toml"
-        assert SpecifierSet(spec) == SpecifierSet(pins[name]), f"{path}: {name}{spec} but pyproject says {pins[name]}"
+    assert SpecifierSet(requires).contains(conda["python"].lstrip("=")), f"{path}: python{conda['python']} vs {requires}"
+    # the packages asked for; the train env's vLLM comes with trl[vllm], at the releases TRL supports
+    asked, pins = provided(path) - {"pip"}, pyproject_pins()
+    assert asked <= set(locked), f"{path} lacks {asked - set(locked)}"
+    for name in asked:
+        assert SpecifierSet(pins[name]).contains(locked[name]), f"{path}: {name}=={locked[name]} but pyproject says {pins[name]}"
 
 
 def test_each_environment_provides_what_its_step_imports(rules):

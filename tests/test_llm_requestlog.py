@@ -67,7 +67,8 @@ def test_log_appends_and_reloads(tmp_path):
     assert again.get("k1") == Response("k1", "t1", "hello", "stop", 10, 2)
     assert again.get("k3").option_logprobs == {"a": -0.1}
     assert again.get("k2").finish_reason == "error"  # a final failure counts as done
-    assert again.usage() == {"requests": 3, "prompt_tokens": 15, "completion_tokens": 9, "errors": 1}
+    assert again.usage() == {"requests": 3, "prompt_tokens": 15, "completion_tokens": 9, "errors": 1,
+                             "transient_errors": 0, "served_models": {}}  # fmt: skip
     with pytest.raises(ValueError, match="finish_reason"):
         again.append(Response("k4", "", "", "maybe"))
 

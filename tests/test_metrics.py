@@ -7,7 +7,7 @@ import math
 import numpy as np
 import polars as pl
 import pytest
-from sklearn.metrics import matthews_corrcoef, roc_auc_score
+from sklearn.metrics import average_precision_score, matthews_corrcoef, roc_auc_score
 
 from synthpert.evaluation.metrics import (
     METRIC_NAMES,
@@ -18,6 +18,7 @@ from synthpert.evaluation.metrics import (
     bootstrap_three_class,
     confusion,
     hard_answer_score,
+    per_perturbation,
     scores_from_confusion,
     three_class_metrics,
 )
@@ -50,6 +51,40 @@ def test_per_gene_auroc_matches_sklearn_per_gene_loop():
     result = auroc_per_gene(genes, truth, score)
     assert result.value == pytest.approx(np.mean(expected), abs=1e-12)
     assert result.n_genes == len(expected)
+
+
+def test_per_perturbation_view_equals_sklearn_within_each_perturbation():
+    # P1: genes a..d ranked within the knockdown, a tie between a DE and a not-DE gene
+    # P2: one class only (skipped); P3: perfect ranking
+    perts = ["P1"] * 4 + ["P2"] * 2 + ["P3"] * 3
+    truth = [1, 0, 1, 0, 0, 0, 1, 0, 0]
+    score = [0.9, 0.9, 0.3, 0.1, 0.5, 0.6, 0.8, 0.2, 0.1]
+    # P1 AUROC: positive .9 vs (.9 tie, .1) = 1.5, .3 vs (.9, .1) = 1 -> 2.5 / 4 = 0.625
+    # P1 AP: thresholds .9 (1 of 2 right, recall 1/2), .3 (2 of 3, recall 1) -> .5*.5 + .5*2/3
+    result = per_perturbation(perts, truth, score)
+    p1, p3 = slice(0, 4), slice(6, 9)
+    y, s = np.array(truth), np.array(score)
+    assert roc_auc_score(y[p1], s[p1]) == pytest.approx(0.625)
+    assert average_precision_score(y[p1], s[p1]) == pytest.approx(0.25 + 1 / 3)
+    assert result.auroc == pytest.approx((0.625 + 1.0) / 2)
+    expected_ap = (average_precision_score(y[p1], s[p1]) + average_precision_score(y[p3], s[p3])) / 2
+    assert result.ap == pytest.approx(expected_ap)
+    assert result.n_perts == 2 and result.n == 7
+
+
+def test_per_perturbation_view_matches_sklearn_loop_with_ties():
+    rng = np.random.default_rng(5)
+    perts = rng.integers(0, 30, 500).astype(str)
+    truth = rng.random(500) < 0.25
+    score = np.round(rng.random(500) + 0.3 * truth, 1)
+    kept = [p for p in np.unique(perts) if 0 < truth[perts == p].sum() < (perts == p).sum()]
+    result = per_perturbation(perts, truth, score)
+    auc = np.mean([roc_auc_score(truth[perts == p], score[perts == p]) for p in kept])
+    ap = np.mean([average_precision_score(truth[perts == p], score[perts == p]) for p in kept])
+    assert result.auroc == pytest.approx(auc, abs=1e-12)
+    assert result.ap == pytest.approx(ap, abs=1e-12)
+    assert result.n_perts == len(kept)
+    assert math.isnan(per_perturbation(["A", "A"], [1, 1], [0.1, 0.2]).auroc)
 
 
 def test_pooled_auroc_rewards_gene_identity_that_per_gene_ignores():

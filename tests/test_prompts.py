@@ -107,6 +107,13 @@ def test_targets():
         ("<think>r</think><answer>upreg", "length", (None, "truncated")),
         # a closed answer before the cut still counts
         ("<answer>downregulated</answer> and more tex", "length", (DOWN, "answered")),
+        # only the text outside the reasoning holds the answer: an answer considered inside
+        # <think> is not one, whether or not a tag follows </think>
+        ("<think>maybe <answer>upregulated</answer>?</think> no idea", "stop", (None, "no_tag")),
+        ("<think>maybe <answer>upregulated</answer>? still thinking", "length", (None, "truncated")),
+        ("<think>maybe <answer>upregulated</answer>? and stopped", "stop", (None, "no_tag")),
+        ("reasoning after a prefilled <think> <answer>upregulated</answer></think>", "stop", (None, "no_tag")),
+        ("prefilled reasoning</think><answer>downregulated</answer>", "stop", (DOWN, "answered")),
     ],
 )
 def test_parse_answer(text, finish, expected):

@@ -152,7 +152,10 @@ def run_tables(
 
 
 def cell_columns(cell: str) -> list[str]:
-    views = ("auroc_per_gene", "n_genes", "auroc_pooled", "auroc_paper", "n")
+    views = (
+        *("auroc_per_gene", "n_genes", "auroc_per_pert", "ap_per_pert", "n_perts"),
+        *("auroc_pooled", "auroc_paper", "n", "n_failed"),
+    )
     subsets = ("auroc_paper_subsets_mean", "auroc_paper_subsets_sd", "n_subset")
     return [f"{cell}_{c}" for c in (*views, *subsets)]
 
@@ -177,6 +180,11 @@ def test_table1_three_auroc_views_with_reported_rows(workdir):
     good = t.row(0, named=True)
     # k562 gA: (0: .1, 2: .9) -> 1; gB: (1: .8, 0: .2) -> 1; pooled over 4 tuples -> 1
     assert good["K562_auroc_per_gene"] == 1.0 and good["K562_n_genes"] == 2
+    # per perturbation: T1 (q0 .1 not DE, q2 .8 DE) and T2 (q3 .2, q1 .9) both ranked right;
+    # rpe1's U1 and U2 have one tuple each: no perturbation with both classes
+    assert good["K562_auroc_per_pert"] == 1.0 and good["K562_ap_per_pert"] == 1.0
+    assert good["K562_n_perts"] == 2
+    assert good["RPE1_auroc_per_pert"] is None and good["RPE1_n_perts"] == 0
     assert good["K562_auroc_pooled"] == 1.0 and good["K562_n"] == 4
     # rpe1 gA: DE .7 vs unparsed .5 -> 1
     assert good["RPE1_auroc_per_gene"] == 1.0 and good["RPE1_n"] == 2
@@ -189,6 +197,8 @@ def test_table1_three_auroc_views_with_reported_rows(workdir):
     assert good["paper"] is None and good["source"] is None
     bad = t.row(1, named=True)
     assert bad["K562_auroc_per_gene"] == 0.5 and bad["K562_auroc_pooled"] == 0.5
+    # constant scores: every pair tied (0.5); one threshold, precision 1/2 at recall 1
+    assert bad["K562_auroc_per_pert"] == 0.5 and bad["K562_ap_per_pert"] == 0.5
     assert bad["K562_auroc_paper"] == 0.5  # "not DE" everywhere: every hard score 0
     reported = t.row(2, named=True)
     assert reported["kind"] == "reported" and reported["source"] == "paper table 1"
@@ -230,7 +240,7 @@ def test_table3_metrics_ci_and_unseen(workdir):
         ("bad", "k562"),
         ("bad", "rpe1"),
     ]
-    assert t.columns[:6] == ["split", "kind", "row", "cell", "n", "n_unparsed"]
+    assert t.columns[:7] == ["split", "kind", "row", "cell", "n", "n_unparsed", "n_failed"]
     assert set(METRIC_NAMES) <= set(t.columns) and t.columns[-1] == "source"
     good_all = computed.row(0, named=True)
     # truth 0 2 1 0 2 0, answers 0 2 1 0 2 (unparsed): 5 of 6 right
@@ -407,3 +417,28 @@ def test_views_plots_of_tables_1_to_4_and_a_confusion_grid(workdir):
     width, height = fig.get_size_inches()
     assert len([ax for ax in fig.axes if ax.get_visible()]) == 8
     assert width == pytest.approx(3 * 3.6) and height == pytest.approx(3 * 3.4)
+
+
+def test_failed_requests_are_counted_apart_and_never_scored(workdir):
+    """Under evaluate.allow_failures a failed request is written with status `failed` and no
+    prediction: the tables count it in n_failed, score the rest, and never read it as an
+    unparsed answer (which would count as wrong) or as a 0.5 score."""
+    clean1, clean3 = run_tables(workdir, 1)[1], run_tables(workdir, 3)[1]
+    before1, before3 = pl.read_csv(clean1), pl.read_csv(clean3)
+    failed = predictions(GOOD_DE3, GOOD_DIR, "label_mapping").filter(pl.col("cell") == "k562")
+    failed = failed.with_columns(
+        status=pl.lit("failed"), pred=pl.lit(None, pl.Int64), score_de=pl.lit(None, pl.Float64),
+        score_up=pl.lit(None, pl.Float64), raw_text=pl.lit("http 400: content policy"),
+    )  # fmt: skip
+    good_k562 = workdir / "predictions" / "default" / "good" / "k562" / "0.parquet"
+    kept = pl.read_parquet(good_k562)
+    pl.concat([kept.filter(pl.col("qid") != 1), failed.filter(pl.col("qid") == 1)]).write_parquet(good_k562)
+
+    t1 = pl.read_csv(run_tables(workdir, 1)[1]).filter(pl.col("row") == "good").row(0, named=True)
+    assert t1["K562_n_failed"] == 1 and t1["K562_n"] == before1.row(0, named=True)["K562_n"] - 1
+    assert before1.row(0, named=True)["K562_n_failed"] == 0
+    t3 = pl.read_csv(run_tables(workdir, 3)[1])
+    k562 = t3.filter((pl.col("row") == "good") & (pl.col("cell") == "k562")).row(0, named=True)
+    was = before3.filter((pl.col("row") == "good") & (pl.col("cell") == "k562")).row(0, named=True)
+    assert k562["n_failed"] == 1 and k562["n"] == was["n"] - 1 and k562["n_unparsed"] == was["n_unparsed"]
+    assert k562["accuracy"] == 1.0  # the rest of k562 was answered right

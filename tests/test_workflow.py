@@ -86,3 +86,20 @@ def test_bad_config_fails_before_any_job(tmp_path, changes, expected):
     assert result.returncode != 0
     assert expected in result.stderr + result.stdout
     assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
+
+
+def test_cell_eval_adds_score_screens_with_the_derived_statistics(tmp_path):
+    """`evaluate.cell_eval: true` puts results/screen_scores.csv in `all`; a derived cell
+    line's real side is its stats.parquet (config/own_screen.yaml derives my_line)."""
+    config = write_config(tmp_path / "c.yaml", "own_screen.yaml", **{"evaluate.cell_eval": True})
+    h5ad = tmp_path / "run" / "data" / "own-screen" / "my_line.h5ad"  # planned, never read
+    h5ad.parent.mkdir(parents=True)
+    h5ad.touch()
+    result = subprocess.run(
+        [*SNAKEMAKE, "-n", "-p", "--directory", str(tmp_path / "run"), "--configfile", str(config)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert "rule score_screens:" in out
+    assert "--stats my_line=results/derived/my_line/stats.parquet" in out

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "baseline": ("synthpert.steps.baseline", "predictions of a row computed without an LLM"),
     "tables": ("synthpert.steps.tables", "metrics and results/table1..4.csv"),
     "plots": ("synthpert.steps.plots", "figures for the Snakemake report"),
+    "score-screens": ("synthpert.steps.score_screens", "cell-eval's DE metrics of every evaluation row and screen, per perturbation"),
     "validate": ("synthpert.tools.validate", "check a configuration file before running anything"),
     "ask": ("synthpert.tools.ask", "ask a model one knockdown question"),
     "screen": ("synthpert.tools.screen", "in-silico screen: one perturbation against many genes"),

@@ -67,10 +67,38 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def folder_digest(folder: str | os.PathLike, keep: Callable[[Path], bool] = lambda p: True) -> str:
+# Keys that `save_pretrained` writes into a model's JSON files to say which library version
+# (or which source path) wrote them: they name the writer, not the model.
+WRITER_KEYS = frozenset({"transformers_version", "_name_or_path", "_commit_hash"})
+
+
+def _without_writer(value):
+    if isinstance(value, dict):
+        return {k: _without_writer(v) for k, v in value.items() if k not in WRITER_KEYS}
+    if isinstance(value, list):
+        return [_without_writer(v) for v in value]
+    return value
+
+
+def json_content_digest(path: Path) -> str:
+    """SHA-256 of a JSON file's content (keys sorted, no whitespace, `WRITER_KEYS` left out at
+    any depth): the same configuration written by another library version, or laid out
+    another way, has the same digest. Not JSON after all: the file's bytes."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return file_digest(path)
+    return text_digest(json.dumps(_without_writer(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+
+
+def folder_digest(
+    folder: str | os.PathLike, keep: Callable[[Path], bool] = lambda p: True, json_content: bool = False
+) -> str:
     """SHA-256 over the relative path and digest of every file of a folder that `keep`
     accepts (hidden files and folders and README.md never count: they do not change a
-    model). Two folders with the same files have the same digest wherever they are."""
+    model). Two folders with the same files have the same digest wherever they are. With
+    `json_content`, `.json` files count by content (`json_content_digest`), so a model
+    saved again by another `transformers` version keeps its digest."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
@@ -80,5 +108,6 @@ def folder_digest(folder: str | os.PathLike, keep: Callable[[Path], bool] = lamb
         if not path.is_file() or any(part.startswith(".") for part in rel.parts) or rel.name == "README.md":
             continue
         if keep(rel):
-            entries.append(f"{rel.as_posix()}\0{file_digest(path)}")
+            digest = json_content_digest(path) if json_content and path.suffix == ".json" else file_digest(path)
+            entries.append(f"{rel.as_posix()}\0{digest}")
     return text_digest("\n".join(entries))

@@ -206,6 +206,7 @@ _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
 _OPEN_ANSWER_AT_END = re.compile(r"<answer>((?:(?!</?answer>).)*)\Z", re.IGNORECASE | re.DOTALL)
 _THINK = re.compile(r"<think>(.*?)</think>", re.IGNORECASE | re.DOTALL)
 _THINK_END = re.compile(r"</think>", re.IGNORECASE)
+_THINK_START = re.compile(r"<think>", re.IGNORECASE)
 _EVALUATION_TAG = re.compile(r"<evaluation>(.*?)</evaluation>", re.IGNORECASE | re.DOTALL)
 
 _UNKNOWN = "unknown"  # pseudo-label of "I do not know" while parsing
@@ -236,23 +237,34 @@ def _labels_in(content: str) -> set:
     return found
 
 
+def outside_reasoning(text: str) -> str:
+    """The text of a response outside its reasoning, where the prompt asks for the answer:
+    `<think>...</think>` blocks removed, everything up to a `</think>` whose `<think>` was
+    in the prompt (the prefill), and everything after a `<think>` never closed."""
+    text = _THINK.sub(" ", text)
+    ends = list(_THINK_END.finditer(text))
+    if ends:
+        text = text[ends[-1].end() :]
+    start = _THINK_START.search(text)
+    return text[: start.start()] if start else text
+
+
 def parse_answer(text: str, finish_reason: str = "stop", task: str = "de3") -> tuple[int | None, str]:
     """Read the answer label of a response: `(pred, status)`.
 
-    Tags after the last `</think>` count when there are any (a template echoed in the
-    reasoning is not an answer); otherwise every `<answer>` tag in the text. An
-    unclosed `<answer>` ending the text counts unless the generation was cut off.
+    Only `<answer>` tags outside the reasoning count (`outside_reasoning`): a template
+    echoed, or an answer considered, inside `<think>` is not the answer. An unclosed
+    `<answer>` ending the text counts unless the generation was cut off.
     Status: `answered`; `ambiguous` (different labels tagged); `unknown` ("I do not
     know"); `invalid` (tagged text that is no label of the task, e.g. "not
     differentially expressed" in the `dir` task); `truncated` (cut off before any
     tag); `no_tag`. `pred` is a class of `labels.py` only when answered.
     """
     _check("task", task, TASKS)
-    ends = list(_THINK_END.finditer(text))
-    after = text[ends[-1].end() :] if ends else ""
-    contents = _ANSWER_TAG.findall(after) or _ANSWER_TAG.findall(text)
+    answer = outside_reasoning(text)
+    contents = _ANSWER_TAG.findall(answer)
     if finish_reason != "length":
-        tail = _OPEN_ANSWER_AT_END.search(text)
+        tail = _OPEN_ANSWER_AT_END.search(answer)
         if tail and tail.group(1).strip():
             contents.append(tail.group(1))
     if not contents:

@@ -377,6 +377,7 @@ class Predict(Settings):
     model: Model
     generation: Generation
     shards: int
+    allow_failures: bool  # whether failed requests may be written (marked failed, never scored)
     budget: Budget = field(default_factory=Budget)
 
     @classmethod
@@ -386,6 +387,7 @@ class Predict(Settings):
             _model(config, rows.row_model_name(row, config)),
             Generation.of(evaluate["generation"]),
             evaluate["shards"],
+            evaluate["allow_failures"],
             Budget.of(config, "evaluate"),
         )
 

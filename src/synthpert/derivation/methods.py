@@ -14,6 +14,12 @@ every tested gene (NaN where the test gives none); `calls` corrects and threshol
 - `wilcoxon`: scanpy's Wilcoxon rank-sum test per cell (`rank_genes_groups`, reference =
   the control) on counts normalised to 10,000 per cell and log1p-transformed; the fold
   change is scanpy's (log2 ratio of the groups' mean normalised expression).
+- `pdex`: Arc Institute's `pdex` (the differential expression of the Virtual Cell Challenge
+  and of `cell-eval`): a Mann-Whitney U test per gene of each perturbation's cells against
+  the control cells, on counts normalised to 10,000 per cell and log1p-transformed, with
+  the settings `cell-eval` runs it with (`mode="ref"`, `is_log1p=True`, geometric-mean
+  fold change, `epsilon=0`). Its raw p-values go to `calls` like the other methods' (pdex's
+  own FDR is also Benjamini-Hochberg per perturbation, so the default calls match it).
 """
 
 from __future__ import annotations
@@ -115,8 +121,10 @@ def _deseq2_fit(control: np.ndarray, treated: np.ndarray, gene_names: list[str],
     return stats.results_df["log2FoldChange"].to_numpy(), stats.results_df["pvalue"].to_numpy()
 
 
-def wilcoxon(screen: Screen, min_mean_count: float, threads: int = 1) -> tuple[np.ndarray, Iterator[Result]]:
-    """The tested genes, and scanpy's Wilcoxon rank-sum test of every perturbation."""
+def log_normalised_cells(screen: Screen, min_mean_count: float):
+    """The tested genes, and the compared cells (AnnData, `obs.group`) normalised to
+    `NORMALISED_TOTAL` counts on every gene, log1p-transformed, then cut to the tested genes
+    (var names: their positions): what the per-cell tests (Wilcoxon, pdex) read."""
     import anndata as ad
     import pandas as pd
     import scanpy as sc
@@ -129,6 +137,14 @@ def wilcoxon(screen: Screen, min_mean_count: float, threads: int = 1) -> tuple[n
     sc.pp.log1p(adata)
     adata = adata[:, genes].copy()
     adata.var_names = [str(i) for i in range(genes.size)]  # positions among the tested genes
+    return genes, adata
+
+
+def wilcoxon(screen: Screen, min_mean_count: float, threads: int = 1) -> tuple[np.ndarray, Iterator[Result]]:
+    """The tested genes, and scanpy's Wilcoxon rank-sum test of every perturbation."""
+    import scanpy as sc
+
+    genes, adata = log_normalised_cells(screen, min_mean_count)
     log.info("Wilcoxon rank-sum test: %d perturbations x %d genes", len(screen.perts), genes.size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -149,4 +165,32 @@ def _wilcoxon_results(screen: Screen, table, n_genes: int) -> Iterator[Result]:
         yield str(pert), lfc, pvalue
 
 
-METHODS = {"deseq2": deseq2, "wilcoxon": wilcoxon}
+def pdex(screen: Screen, min_mean_count: float, threads: int = 1) -> tuple[np.ndarray, Iterator[Result]]:
+    """The tested genes, and Arc's pdex (Mann-Whitney U per gene) of every perturbation, on
+    cells normalised as cell-eval normalises them before pdex."""
+    from pdex import pdex as run_pdex
+
+    genes, adata = log_normalised_cells(screen, min_mean_count)
+    log.info("pdex (Mann-Whitney U): %d perturbations x %d genes", len(screen.perts), genes.size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = run_pdex(
+            adata, groupby="group", mode="ref", reference=screen.control, threads=max(threads, 1),
+            is_log1p=True, geometric_mean=True, epsilon=0.0,
+        )
+    return genes, _pdex_results(screen, table, genes.size)
+
+
+def _pdex_results(screen: Screen, table, n_genes: int) -> Iterator[Result]:
+    by_pert = table.partition_by("target", as_dict=True)
+    for pert in screen.perts:
+        rows = by_pert.get((pert,))
+        lfc, pvalue = np.full(n_genes, np.nan), np.full(n_genes, np.nan)
+        if rows is not None:
+            order = rows["feature"].cast(int).to_numpy()  # var names are 0 .. n_genes - 1
+            lfc[order] = rows["log2_fold_change"].to_numpy()
+            pvalue[order] = rows["p_value"].to_numpy()
+        yield pert, lfc, pvalue
+
+
+METHODS = {"deseq2": deseq2, "wilcoxon": wilcoxon, "pdex": pdex}

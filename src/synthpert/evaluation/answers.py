@@ -9,7 +9,7 @@ from synthpert.core import prompts
 from synthpert.core.labels import DOWN, NOT_DE, UP, class_probabilities
 from synthpert.core.settings import Generation
 from synthpert.errors import CommandError
-from synthpert.llm.requests import Request
+from synthpert.llm.requests import Request, Response
 
 
 def qid_expr() -> pl.Expr:
@@ -66,27 +66,45 @@ PREDICTION_SCHEMA = {
     "status": pl.String, "score_de": pl.Float64, "score_up": pl.Float64, "score_source": pl.String,
     "p_not_de": pl.Float64, "p_down": pl.Float64, "p_up": pl.Float64,
 }
+FAILED = "failed"  # the status of a request that failed: counted apart, never scored
 
 
-def answer_records(rows: pl.DataFrame, requests: list[Request], responses: dict, model: str) -> list[dict]:
+def answer_records(rows: pl.DataFrame, requests: list[Request], responses: list[Response]) -> list[dict]:
     """One prediction record (the columns of `PREDICTION_SCHEMA`) per request, in order.
 
     `rows` are the questions (qid, cell, pert, gene, label) that `requests` ask, tagged
-    `qid|task`; `responses` are the backend's answers by request key for `model`."""
+    `qid|task`; `responses` the answer to each request, in the same order. A failed request
+    gets status `failed` and no prediction or score (the metrics leave it out)."""
     by_qid = {q["qid"]: q for q in rows.iter_rows(named=True)}
     records = []
-    for req in requests:
+    for req, resp in zip(requests, responses, strict=True):
         qid, task = req.tag.split("|")
-        resp = responses.get(req.key(model))
-        if resp is None:
-            raise CommandError(f"no answer for {req.tag}; rerun to resume")
         q = by_qid[qid]
-        records.append(
-            {"qid": qid, "cell": q["cell"], "pert": q["pert"], "gene": q["gene"], "label": q["label"],
-             "task": task, "raw_text": resp.text, "finish_reason": resp.finish_reason}
-            | score_row(task, resp.text, resp.finish_reason, resp.option_logprobs)
-        )
+        record = {"qid": qid, "cell": q["cell"], "pert": q["pert"], "gene": q["gene"], "label": q["label"],
+                  "task": task, "raw_text": resp.text, "finish_reason": resp.finish_reason}  # fmt: skip
+        if resp.failed:
+            unscored = dict.fromkeys(("pred", "score_de", "score_up", "score_source", "p_not_de", "p_down", "p_up"))
+            records.append(record | unscored | {"status": FAILED, "raw_text": resp.error or ""})
+        else:
+            records.append(record | score_row(task, resp.text, resp.finish_reason, resp.option_logprobs))
     return records
+
+
+def refuse_failures(responses: list[Response], what: str, log_path, allowed: bool = False, setting: str | None = None) -> None:
+    """Stop unless `allowed`, when a request failed for good (a permanent failure: another
+    run gets the same); `what` names the step and its job, `setting` the one that allows it."""
+    failed = [r for r in responses if r.failed]
+    if not failed or allowed:
+        return
+    first = failed[0]
+    allow = (
+        f" Set {setting}: true to write them with those marked failed: the tables count them in n_failed "
+        f"and never score them" if setting else ""
+    )
+    raise CommandError(
+        f"{what}: {len(failed)} of {len(responses)} requests failed for good (e.g. {first.tag}: {first.error}); "
+        f"a failure is never an answer, so nothing is written (the answers are kept in {log_path}).{allow}"
+    )
 
 
 def question_shard(questions: pl.DataFrame, cell: str, shard: int, shards: int) -> pl.DataFrame:

@@ -4,7 +4,9 @@ three-class scores.
 Pure functions on numpy/polars, small enough to check by hand. Every result carries the
 number of tuples it was computed on.
 
-Three AUROC views of one row: `auroc_per_gene` (PerturbQA's metric, from the row's scores),
+Four ranking views of one row: `auroc_per_gene` (PerturbQA's metric, from the row's scores:
+the perturbations ranked for one target gene), `per_perturbation` (AUROC and average
+precision of the genes ranked within one perturbation, a screen's ranking),
 `auroc_pooled` (one AUROC over a cell line's tuples, from the same scores) and `auroc_paper`
 (the SynthPert paper's released code: pooled, from the hard answer mapped to 1 / 0 / 0.5,
 optionally on seeded random 20% subsets, `auroc_paper_subsets`).
@@ -60,17 +62,74 @@ def auroc_per_gene(genes, truth, score) -> Auroc:
     (Mann-Whitney) identity per gene so that thousands of genes take milliseconds.
     `n` counts the tuples of the genes used.
     """
+    per_gene = _per_group_auroc(_scored(genes, truth, score))
+    if per_gene.height == 0:
+        return Auroc(float("nan"), 0, 0)
+    return Auroc(float(per_gene["auc"].mean()), int(per_gene["n"].sum()), per_gene.height)
+
+
+class PerPert(NamedTuple):
+    """The per-perturbation view: AUROC and average precision within each perturbation,
+    averaged over the `n_perts` perturbations with both classes (`n` tuples)."""
+
+    auroc: float
+    ap: float
+    n: int
+    n_perts: int
+
+
+def per_perturbation(perts, truth, score) -> PerPert:
+    """Rank the genes within each perturbation (a screen's question: which genes does this
+    knockdown change?): AUROC and average precision per perturbation, averaged.
+
+    Perturbations whose tuples are all one class are skipped. Ties as in scikit-learn:
+    AUROC counts a tie one half; average precision steps once per distinct score
+    (`sklearn.metrics.average_precision_score`).
+    """
+    frame = _scored(perts, truth, score)
+    aucs = _per_group_auroc(frame)
+    if aucs.height == 0:
+        return PerPert(float("nan"), float("nan"), 0, 0)
+    kept = frame.join(aucs.select("group"), on="group", how="semi")
+    # one step per distinct score, best first: precision at that threshold x recall gained
+    steps = (
+        kept.group_by("group", "s")
+        .agg(pos=pl.col("y").sum(), n=pl.len())
+        .sort(["group", "s"], descending=[False, True])
+        .with_columns(
+            tp=pl.col("pos").cum_sum().over("group"),
+            seen=pl.col("n").cum_sum().over("group"),
+            total=pl.col("pos").sum().over("group"),
+        )
+    )
+    ap = (
+        steps.group_by("group")
+        .agg(ap=(pl.col("pos") / pl.col("total") * pl.col("tp") / pl.col("seen")).sum())
+        .sort("group")
+    )
+    return PerPert(
+        float(aucs["auc"].mean()), float(ap["ap"].mean()), int(aucs["n"].sum()), aucs.height
+    )
+
+
+def _scored(groups, truth, score) -> pl.DataFrame:
     frame = pl.DataFrame(
         {
-            "gene": pl.Series(genes, dtype=pl.String),
+            "group": pl.Series(groups, dtype=pl.String),
             "y": pl.Series(_binary(truth), dtype=pl.Int64),
             "s": pl.Series(np.asarray(score, dtype=np.float64)),
         }
     )
     _check_scores(frame["s"])
-    per_gene = (
-        frame.with_columns(rank=pl.col("s").rank("average").over("gene"))
-        .group_by("gene")
+    return frame
+
+
+def _per_group_auroc(frame: pl.DataFrame) -> pl.DataFrame:
+    """AUROC within each group of `_scored` tuples with both classes (`group, n, auc`), by
+    the rank-sum identity."""
+    return (
+        frame.with_columns(rank=pl.col("s").rank("average").over("group"))
+        .group_by("group")
         .agg(
             n=pl.len(),
             pos=pl.col("y").sum(),
@@ -78,15 +137,12 @@ def auroc_per_gene(genes, truth, score) -> Auroc:
         )
         .with_columns(neg=pl.col("n") - pl.col("pos"))
         .filter((pl.col("pos") > 0) & (pl.col("neg") > 0))
-        .sort("gene")  # a fixed summation order: the same inputs give the same bits
+        .sort("group")  # a fixed summation order: the same inputs give the same bits
         .with_columns(
             auc=(pl.col("rank_pos") - pl.col("pos") * (pl.col("pos") + 1) / 2)
             / (pl.col("pos") * pl.col("neg"))
         )
     )
-    if per_gene.height == 0:
-        return Auroc(float("nan"), 0, 0)
-    return Auroc(float(per_gene["auc"].mean()), int(per_gene["n"].sum()), per_gene.height)
 
 
 def auroc_pooled(truth, score) -> Auroc:

@@ -9,6 +9,7 @@ import polars as pl
 from synthpert.core.io import PREDICTION_COLUMNS, read_parquet_columns
 from synthpert.core.labels import CELLS
 from synthpert.errors import CommandError
+from synthpert.evaluation.answers import FAILED
 
 
 def row_of(path: Path) -> str:
@@ -33,6 +34,12 @@ def load_predictions(paths: list[str | Path]) -> pl.DataFrame:
     if not frames:
         raise CommandError("no predictions files given")
     return pl.concat(frames, how="vertical_relaxed")
+
+
+def without_failures(frame: pl.DataFrame) -> pl.DataFrame:
+    """The predictions that are answers: a failed request (status `failed`, written only
+    under `evaluate.allow_failures`) is counted apart and never scored."""
+    return frame.filter(pl.col("status") != FAILED)
 
 
 def ordered_cells(frame: pl.DataFrame) -> list[str]:

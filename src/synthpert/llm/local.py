@@ -30,24 +30,11 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from synthpert.errors import CommandError
 from synthpert.llm.backends import resolve_local_model
-from synthpert.llm.identity import local_identity
+from synthpert.llm.identity import local_identity, resolve_dtype
 from synthpert.llm.prompting import check_adapter, encode, load_tokenizer, render
 from synthpert.llm.requests import Request, RequestLog, Response, SpendingGuard, plan
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_dtype(name: str, device: str) -> torch.dtype:
-    """`auto` is bfloat16 on a CUDA device that supports it, else float32."""
-    if name == "auto":
-        bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    if name not in DTYPES:
-        raise CommandError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
-
 
 class LocalBackend:
     """A causal LM in this process; see the module docstring."""
@@ -57,15 +44,16 @@ class LocalBackend:
         check_adapter(adapter)
         self.batch_size = int(spec.get("batch_size", 8))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = pick_dtype(spec.get("dtype", "auto"), self.device)
+        dtype_name = resolve_dtype(spec.get("dtype", "auto"))
+        dtype = getattr(torch, dtype_name)
         self.tokenizer = load_tokenizer(spec, path)
         try:
             lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=spec.get("revision"))
         except OSError as err:
             raise CommandError(f"cannot load model {spec['model']!r} from {path}: {err}") from None
-        self.model = local_identity(
-            spec["model"], spec.get("revision"), str(self.tokenizer.chat_template), str(dtype).removeprefix("torch."), adapter
-        )
+        naming = (spec["model"], spec.get("revision"), str(self.tokenizer.chat_template), dtype_name, adapter)
+        self.model = local_identity(*naming)
+        self.legacy_models = (local_identity(*naming, legacy=True),)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -95,7 +83,7 @@ class LocalBackend:
         guard: SpendingGuard | None = None,
         desc: str = "requests",
     ) -> dict[str, Response]:
-        done, pending = plan(requests, self.model, log)
+        done, pending = plan(requests, self.model, log, self.legacy_models)
         items = []
         for key, request in pending.items():
             prompt = self.render(request)

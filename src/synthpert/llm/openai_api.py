@@ -3,8 +3,12 @@
 The SDK's own retries are switched off (`max_retries=0`) and done here instead, so they
 are logged and testable: HTTP 429, 408, 409, 5xx, connection errors and time-outs are
 retried with exponential back-off and full jitter (or after the server's `Retry-After`
-seconds, when it sends one), at most `max_retries` times; other errors are final. See
-`synthpert.llm.requests` for which outcomes are written to the request log.
+seconds, when it sends one), at most `max_retries` times; a request whose retries all
+fail is logged as a *transient* failure, which the next run asks again; other errors are
+final. Each attempt is claimed from the spending guard (a dollar budget reserves every
+attempt: each may be billed). See `synthpert.llm.requests` for what the log holds. The
+model name the server says answered (`completion.model`, e.g. a dated snapshot behind an
+alias) is logged with every answer.
 
 Live mode runs `max_concurrency` workers over the pending requests (a bounded pool: the
 same bound as a semaphore, without creating a task per request). Batch mode (spec
@@ -35,7 +39,7 @@ from tqdm import tqdm
 from synthpert.core.io import atomic_path
 from synthpert.errors import CommandError
 from synthpert.llm.backends import api_key
-from synthpert.llm.identity import api_identity
+from synthpert.llm.identity import api_identity, legacy_api_identities
 from synthpert.llm.requests import (
     OK,
     WAIT,
@@ -86,6 +90,7 @@ def response_from_completion(key: str, tag: str, completion: dict) -> Response:
         "completion_tokens": usage.get("completion_tokens") or 0,
         "cached_tokens": cached,
     }
+    tokens["served_model"] = completion.get("model") or None
     if not choices:
         return Response(key, tag, "", "error", error="the reply has no choices", **tokens)
     choice = choices[0]
@@ -109,6 +114,7 @@ class OpenAIBackend:
     def __init__(self, spec: dict) -> None:
         self.name = spec["model"]  # what the endpoint is asked for
         self.model = api_identity(spec)  # what names its answers in the request keys
+        self.legacy_models = legacy_api_identities(spec)  # what named them before (logs still valid)
         self._key = api_key(spec)  # fails now, before any request, when the variable is unset
         self.base_url = spec.get("base_url")
         self.max_concurrency = int(spec.get("max_concurrency", 16))
@@ -131,7 +137,7 @@ class OpenAIBackend:
         guard: SpendingGuard | None = None,
         desc: str = "requests",
     ) -> dict[str, Response]:
-        done, pending = plan(requests, self.model, log)
+        done, pending = plan(requests, self.model, log, self.legacy_models)
         for request in pending.values():
             if request.prefill:
                 raise CommandError(f"model {self.name!r}: prefill needs the local backend (request {request.tag!r})")
@@ -207,26 +213,41 @@ class OpenAIBackend:
 
     # -- live mode -----------------------------------------------------------------------
 
-    async def _complete(self, client: openai.AsyncOpenAI, key: str, request: Request) -> Response:
+    async def _complete(
+        self, client: openai.AsyncOpenAI, key: str, request: Request, guard: SpendingGuard | None
+    ) -> tuple[Response | None, bool]:
+        """(response, whether the server replied) of one claimed request, its retries claimed
+        from the guard attempt by attempt; (None, False) when the guard refused a retry."""
         params = self._params(request)
-        try:
-            completion = await self._retrying(
-                lambda: client.chat.completions.create(**params), f"request {request.tag or key[:12]}"
-            )
-        except openai.APIError as err:
-            reason = self._describe(err)
-            if is_transient(err):
-                reason = f"gave up after {self.max_retries + 1} attempts: {reason}"
-            logger.error("request %s failed: %s", request.tag or key[:12], reason)
-            return Response(key, request.tag, "", "error", error=reason)
-        return response_from_completion(key, request.tag, completion.model_dump())
+        what = f"request {request.tag or key[:12]}"
+        for attempt in itertools.count():
+            if attempt and guard is not None and not await self._claim(guard.claim_retry, key, request):
+                return None, False
+            try:
+                completion = await client.chat.completions.create(**params)
+            except openai.APIError as err:
+                if guard is not None:  # an error status was not billed; a lost connection may have been
+                    await asyncio.to_thread(guard.release, key, not isinstance(err, openai.APIStatusError))
+                transient = is_transient(err)
+                if not transient or attempt >= self.max_retries:
+                    reason = self._describe(err)
+                    if transient:
+                        reason = f"gave up after {attempt + 1} attempts: {reason}"
+                    logger.error("%s failed: %s", what, reason)
+                    return Response(key, request.tag, "", "error", error=reason, transient=transient), False
+                delay = self._backoff(attempt, err)
+                logger.warning("%s: %s; retry %d/%d in %.2f s", what, self._describe(err), attempt + 1, self.max_retries, delay)
+                await asyncio.sleep(delay)
+                continue
+            return response_from_completion(key, request.tag, completion.model_dump()), True
+        raise AssertionError("unreachable")
 
     @staticmethod
-    async def _claim(guard: SpendingGuard, key: str, request: Request) -> bool:
+    async def _claim(claim: Callable[..., str], key: str, request: Request) -> bool:
         """Ask the guard (off the event loop: a budget locks a shared file); while it says
         WAIT, requests in flight may free room, so ask again a little later."""
-        while (verdict := await asyncio.to_thread(guard.claim, key, request)) == WAIT:
-            await asyncio.sleep(guard.poll_s)
+        while (verdict := await asyncio.to_thread(claim, key, request)) == WAIT:
+            await asyncio.sleep(claim.__self__.poll_s)  # the guard's own interval
         return verdict == OK
 
     def _record(self, log: RequestLog, response: Response, guard: SpendingGuard | None) -> None:
@@ -240,11 +261,13 @@ class OpenAIBackend:
 
         async def worker(client: openai.AsyncOpenAI) -> None:
             for key, request in queue:
-                if guard is not None and not await self._claim(guard, key, request):
+                if guard is not None and not await self._claim(guard.claim, key, request):
                     return
-                response = await self._complete(client, key, request)
+                response, replied = await self._complete(client, key, request, guard)
+                if response is None:  # the guard refused a retry: unsent, and the run stops
+                    return
                 # fsync (and the budget's ledger) off the event loop, so the other requests keep flowing
-                await asyncio.to_thread(self._record, log, response, guard)
+                await asyncio.to_thread(self._record, log, response, guard if replied else None)
                 results[key] = response
                 bar.update()
 
@@ -357,6 +380,10 @@ class OpenAIBackend:
         for answers, missing in outcomes:
             results.update(answers)
             unanswered += missing
+        if guard is not None:  # expired, cancelled or failed in the batch: not billed
+            for key, _ in todo:
+                if key not in results:
+                    guard.release(key, maybe_billed=False)
         self._save_batches(log, [])
         if unanswered:
             raise CommandError(

@@ -19,6 +19,7 @@ import torch
 
 from synthpert.core.io import atomic_path
 from synthpert.errors import CommandError
+from synthpert.llm.identity import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +27,12 @@ SAVE_TOTAL_LIMIT = 2  # checkpoints kept on disk: the newest and one spare
 
 
 def precision(dtype_setting: str = "auto", load_in_4bit: bool = False) -> tuple[Any, str]:
-    """(torch dtype to load the student in, name): bf16 on CUDA with native bf16, else fp32."""
+    """(torch dtype to load the student in, name): `llm.identity.resolve_dtype`, so a model
+    trains in the precision its answers are keyed under."""
     cuda = torch.cuda.is_available()
     if load_in_4bit and not cuda:
         raise CommandError("train.load_in_4bit (QLoRA through bitsandbytes) needs a CUDA GPU; none is available")
-    if dtype_setting == "auto":
-        dtype_setting = "bfloat16" if cuda and torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
+    dtype_setting = resolve_dtype(dtype_setting)  # the rule every backend names the model with
     if dtype_setting == "float16" and not cuda:
         raise CommandError("dtype float16 training needs a CUDA GPU; use float32 or auto on CPU")
     return getattr(torch, dtype_setting), dtype_setting

@@ -82,13 +82,12 @@ from tqdm import tqdm
 
 from synthpert.errors import CommandError
 from synthpert.llm.backends import resolve_local_model
-from synthpert.llm.identity import local_identity
+from synthpert.llm.identity import local_identity, resolve_dtype
 from synthpert.llm.prompting import check_adapter, encode, load_tokenizer, render
 from synthpert.llm.requests import Request, RequestLog, Response, SpendingGuard, plan
 
 logger = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "float16")
 ENGINE_DEFAULTS = {
     "max_model_len": 4096,
     "gpu_memory_utilization": 0.9,
@@ -106,19 +105,6 @@ def on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
-
-
-def resolve_dtype(name: str) -> str:
-    """As `llm.local.pick_dtype`: `auto` is bfloat16 on a GPU that has it, else float32."""
-    if name == "auto":
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cpu():
-            return "float32"
-        return "bfloat16" if current_platform.has_device_capability(80) else "float32"
-    if name not in DTYPES:
-        raise CommandError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
-    return name
 
 
 def lora_mode(spec: dict) -> str:
@@ -261,9 +247,9 @@ class VLLMBackend:
         check_adapter(self.adapter)
         self.dtype = resolve_dtype(spec.get("dtype", "auto"))
         self.tokenizer = load_tokenizer(spec, self.path)
-        self.model = local_identity(
-            spec["model"], spec.get("revision"), str(self.tokenizer.chat_template), self.dtype, self.adapter
-        )
+        naming = (spec["model"], spec.get("revision"), str(self.tokenizer.chat_template), self.dtype, self.adapter)
+        self.model = local_identity(*naming)
+        self.legacy_models = (local_identity(*naming, legacy=True),)
         self.max_model_len = int(spec.get("max_model_len", ENGINE_DEFAULTS["max_model_len"]))
         eos = {self.tokenizer.eos_token_id}
         generation_config = Path(self.path) / "generation_config.json"
@@ -315,6 +301,17 @@ class VLLMBackend:
     def _encode(self, text: str) -> list[int]:
         return encode(self.tokenizer, text)
 
+    def _scoring_suffix(self, request: Request) -> int:
+        """At most how many tokens scoring the answer options adds after the generated
+        text: a `</think>` closing the reasoning, the option tag, the longest option with its
+        closing tag, and two for tokens that merge differently at the seams. Checked with
+        the prompt before generating, so a request never fails after its generation."""
+        if not request.options:
+            return 0
+        tag = request.option_tag
+        opening = len(self._encode("\n</think>\n")) + len(self._encode(f"<{tag}>"))
+        return opening + max(len(self._encode(option + f"</{tag}>")) for option in request.options) + 2
+
     # -- sampling parameters -------------------------------------------------------
 
     def _generation_params(self, request: Request):
@@ -358,16 +355,18 @@ class VLLMBackend:
         guard: SpendingGuard | None = None,
         desc: str = "requests",
     ) -> dict[str, Response]:
-        done, pending = plan(requests, self.model, log)
+        done, pending = plan(requests, self.model, log, self.legacy_models)
         jobs: dict[str, _Job] = {}
         for key, request in pending.items():
             prompt = self.render(request)
             ids = self._encode(prompt + request.prefill)
-            if len(ids) + request.max_new_tokens > self.max_model_len:
+            suffix = self._scoring_suffix(request)
+            if len(ids) + request.max_new_tokens + suffix > self.max_model_len:
                 raise CommandError(
                     f"request {request.tag or key[:12]}: {len(ids)} prompt tokens + max_new_tokens "
-                    f"{request.max_new_tokens} exceed max_model_len {self.max_model_len} of model "
-                    f"{self.spec['model']!r}; raise max_model_len in its models: entry"
+                    f"{request.max_new_tokens} + {suffix} tokens to score its answer options exceed "
+                    f"max_model_len {self.max_model_len} of model {self.spec['model']!r}; nothing was generated. "
+                    f"Raise max_model_len under engine: in its models: entry (or lower max_new_tokens)"
                 )
             jobs[key] = _Job(key, request, prompt, ids)
         if guard is not None:

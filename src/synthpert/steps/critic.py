@@ -79,7 +79,7 @@ def grade_record(response: Response | None) -> dict:
         grade = max(response.option_logprobs, key=response.option_logprobs.get)
         logprobs = json.dumps(response.option_logprobs)
     else:
-        grade = parse_grade(response.text) if response.finish_reason != "error" else None
+        grade = parse_grade(response.text) if not response.failed else None  # a failure grades nothing
         logprobs = None
     return {
         "grade": grade,
@@ -104,7 +104,7 @@ def grade_traces(traces: pl.DataFrame, settings: CriticGrade, out: Path, backend
         guard = spending_guard(settings.model, settings.budget, request_log.path)
         if requests:
             responses = run_requests(backend, requests, request_log, guard, f"critic ({mode})")
-            by_tid = {req.tag: responses[req.key(backend.model)] for req in requests}
+            by_tid = {req.tag: resp for req, resp in zip(requests, responses, strict=True)}
         rejected = [tid for tid, resp in by_tid.items() if structured_unsupported(resp)] if mode == "json" else []
         if rejected:
             log.warning(
@@ -115,7 +115,7 @@ def grade_traces(traces: pl.DataFrame, settings: CriticGrade, out: Path, backend
             )
             retry = critic_requests(todo.filter(pl.col("tid").is_in(rejected)), settings, "tags")
             answers = run_requests(backend, retry, request_log, guard, "critic (tags)")
-            by_tid.update({req.tag: answers[req.key(backend.model)] for req in retry})
+            by_tid.update({req.tag: resp for req, resp in zip(retry, answers, strict=True)})
     grades = pl.DataFrame(
         [{"tid": tid, **grade_record(by_tid.get(tid))} for tid in traces["tid"]],
         schema={"tid": pl.String, **GRADE_COLUMNS},

@@ -37,8 +37,8 @@ from synthpert.core.settings import Model, for_step
 from synthpert.errors import CommandError, ConfigError
 from synthpert.evaluation.answers import build_requests, question_shard
 from synthpert.llm.embedded import is_embedded, local_path
-from synthpert.llm.identity import api_identity, local_identity
-from synthpert.llm.requests import Request, log_records, request_log_path
+from synthpert.llm.identity import api_identity, legacy_api_identities, local_identity, possible_dtypes
+from synthpert.llm.requests import Request, final_keys, log_records, request_log_path
 from synthpert.llm.step_requests import (
     critic_mode,
     critic_requests,
@@ -165,15 +165,15 @@ def identities(view: ModelView, adapter: Path | None) -> set[str]:
         return view.identities[adapter]
     spec = view.settings
     if spec.backend == "openai":
-        ids = {api_identity(spec.spec())}
+        ids = {api_identity(spec.spec()), *legacy_api_identities(spec.spec())}
     elif view.counter.name.startswith("estimate") or (adapter is not None and not (adapter / "adapter_config.json").is_file()):
         ids = set()
     else:
         from synthpert.llm.prompting import load_tokenizer
 
         template = str(load_tokenizer(spec.spec(), local_path(spec.model)).chat_template)
-        dtypes = ("float32", "bfloat16") if spec.dtype == "auto" else (spec.dtype,)
-        ids = {local_identity(spec.model, spec.revision, template, d, adapter) for d in dtypes}
+        ids = {local_identity(spec.model, spec.revision, template, d, adapter, legacy=old)
+               for d in possible_dtypes(spec.dtype) for old in (False, True)}  # fmt: skip
     view.identities[adapter] = ids
     return ids
 
@@ -197,7 +197,7 @@ def tally(jobs: list[Job], view: ModelView) -> Tally:
     for job in jobs:
         ids = identities(view, job.adapter)
         records = log_records(job.log)  # one read, read-only: jobs may be appending
-        answered = {r["key"] for r in records}
+        answered = final_keys(records)  # a transient failure is asked again: still to pay
         seen: set[str] = set()
         for request in job.requests:
             keys = {request.key(i) for i in ids} or {request.key("")}

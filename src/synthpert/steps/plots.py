@@ -8,8 +8,8 @@ Sub-actions of `synthpert plots`:
   prediction and "unparsed"), row-normalised colours with counts written in; a grid of
   panels, so that many rows stay readable at page width.
 - `views`: one of tables 1-4 as a dot plot, a line per row, the published numbers marked.
-  Tables 1-2: a panel per cell line with the three AUROC views of each computed row (per
-  gene, pooled from scores, the paper's protocol with its 20% subsets' mean +- SD) and the
+  Tables 1-2: a panel per cell line with the four AUROC views of each computed row (per
+  gene, per perturbation, pooled from scores, the paper's protocol with its 20% subsets' mean +- SD) and the
   reported rows' printed numbers. Tables 3-4: a panel per printed metric (accuracy, F1 per
   class) of the pooled (`all`) or held-out cell line.
 - `grades`: critic grade counts per cell line, from a CSV with columns `grade, cell, n`.
@@ -35,7 +35,7 @@ from synthpert.core.labels import CLASS_KEYS, NOT_DE, UP, display_cell
 from synthpert.core.prompts import GRADES
 from synthpert.errors import CommandError
 from synthpert.evaluation.metrics import CLASSES, auroc_per_gene, auroc_pooled, confusion
-from synthpert.evaluation.predictions import load_predictions, ordered_cells
+from synthpert.evaluation.predictions import load_predictions, ordered_cells, without_failures
 
 TASKS = {
     "de3": ("score_de", "differential expression"),
@@ -118,6 +118,7 @@ def confusion_figure(preds: pl.DataFrame, ncols: int = 3) -> Figure:
 # Tables 1-2: column suffix -> (legend label, marker style) of the computed AUROC views ...
 AUROC_VIEWS = {
     "auroc_per_gene": ("per gene (PerturbQA's metric)", {"marker": "o", "color": "C0"}),
+    "auroc_per_pert": ("per perturbation (a screen's ranking)", {"marker": "^", "color": "C4"}),
     "auroc_pooled": ("pooled, from scores", {"marker": "s", "color": "C1"}),
     "auroc_paper": (
         "paper protocol (hard answers 1/0/0.5, pooled)",
@@ -171,7 +172,7 @@ def _auroc_views(table: pl.DataFrame, title: str, ncols: int = 2) -> Figure:
     computed = frame.filter(pl.col("kind") == "computed")
     reported = frame.filter(pl.col("kind") == "reported")
     for ax, cell in zip(axes, cells):
-        for offset, (suffix, (label, style)) in zip((-0.2, 0.0, 0.2), AUROC_VIEWS.items()):
+        for offset, (suffix, (label, style)) in zip((-0.27, -0.09, 0.09, 0.27), AUROC_VIEWS.items()):
             part = _points(computed, f"{cell}_{suffix}")
             ax.scatter(part[1], [y[line] + offset for line in part[0]], label=label, **style)
         mean, sd = f"{cell}_auroc_paper_subsets_mean", f"{cell}_auroc_paper_subsets_sd"
@@ -179,7 +180,7 @@ def _auroc_views(table: pl.DataFrame, title: str, ncols: int = 2) -> Figure:
             sub = computed.select("line", pl.col(mean, sd).cast(pl.Float64)).drop_nulls(mean)
             ax.errorbar(
                 sub[mean].to_numpy(),
-                [y[line] + 0.32 for line in sub["line"]],
+                [y[line] + 0.38 for line in sub["line"]],
                 xerr=sub[sd].fill_null(0).to_numpy(),
                 fmt="|",
                 color="C2",
@@ -325,9 +326,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     if args.action == "roc":
-        fig = roc_figure(load_predictions(args.predictions), args.task)
+        fig = roc_figure(without_failures(load_predictions(args.predictions)), args.task)
     elif args.action == "confusion":
-        fig = confusion_figure(load_predictions(args.predictions))
+        fig = confusion_figure(without_failures(load_predictions(args.predictions)))
     elif args.action == "views":
         table = _read_csv(args.table_file, infer_schema_length=None)
         fig = views_figure(table, _view_title(args.table_file.stem))
@@ -340,8 +341,8 @@ def main(args: argparse.Namespace) -> None:
 
 def _view_title(stem: str) -> str:
     what = {
-        "table1": "Table 1: differential expression AUROC, three views",
-        "table2": "Table 2: direction AUROC, three views",
+        "table1": "Table 1: differential expression AUROC, four views",
+        "table2": "Table 2: direction AUROC, four views",
         "table3": "Table 3: three-class answers, default split",
         "table4": "Table 4: three-class answers, held-out cell line",
     }

@@ -10,6 +10,10 @@ after that reasoning (`score_source = probabilities`), so AUROC ranks real confi
 every question gets an answer. An API model without log-probabilities is scored with the
 paper's mapping (up/down = 1, not DE = 0, unparsed = 0.5; `score_source = label_mapping`)
 and an unparsed answer stays unparsed (counted wrong by the metrics, never dropped).
+
+A failed request is not an answer: a transient failure stops the job (the rerun asks it
+again), a permanent one too unless `evaluate.allow_failures`, which writes it with status
+`failed` (no prediction, no score; the tables count it in `n_failed`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,13 @@ from synthpert.core.io import write_parquet
 from synthpert.core.rows import ADAPTER_ROWS, adapter_layout
 from synthpert.core.settings import Predict
 from synthpert.errors import CommandError
-from synthpert.evaluation.answers import PREDICTION_SCHEMA, answer_records, build_requests, question_shard
+from synthpert.evaluation.answers import (
+    PREDICTION_SCHEMA,
+    answer_records,
+    build_requests,
+    question_shard,
+    refuse_failures,
+)
 from synthpert.llm.backends import backend_family
 from synthpert.llm.budget import spending_guard
 from synthpert.llm.requests import RequestLog, request_log_path, run_requests
@@ -69,10 +79,12 @@ def main(args) -> None:
     requests = build_requests(rows, settings.generation, settings.model.local)
     backends = backend_family(settings.model.spec(), [None if a is None else str(a) for a in adapters])
     for row, out, backend in zip(args.row, args.out, backends):
+        what = f"predict {row} {args.cell}#{args.shard}"
         with RequestLog(request_log_path(out)) as request_log:
             guard = spending_guard(settings.model, settings.budget, request_log.path)  # an API row's budget
-            responses = run_requests(backend, requests, request_log, guard, f"{row} {args.cell}#{args.shard}")
+            responses = run_requests(backend, requests, request_log, guard, what)
             usage = request_log.usage()
-        df = pl.DataFrame(answer_records(rows, requests, responses, backend.model), schema=PREDICTION_SCHEMA)
+        refuse_failures(responses, what, request_log.path, settings.allow_failures, "evaluate.allow_failures")
+        df = pl.DataFrame(answer_records(rows, requests, responses), schema=PREDICTION_SCHEMA)
         write_parquet(df, out)
         log.info("%s: %d answers (%s); usage %s", row, df.height, df["status"].value_counts().to_dicts(), usage)

@@ -1,8 +1,11 @@
 """Tables 1-4 of the paper from the predictions of every model row.
 
-- Table 1 (DE) and table 2 (direction): AUROC per cell line under three views.
+- Table 1 (DE) and table 2 (direction): AUROC per cell line under four views.
   PerturbQA's per-gene AUROC (`{Cell}_auroc_per_gene`, with the genes averaged
-  `{Cell}_n_genes`) and one pooled AUROC (`{Cell}_auroc_pooled`, with its tuples
+  `{Cell}_n_genes`: the perturbations ranked for one target gene), the per-perturbation
+  view (`{Cell}_auroc_per_pert` and average precision `{Cell}_ap_per_pert`, averaged over
+  `{Cell}_n_perts` perturbations with both classes: the genes ranked within one knockdown,
+  a screen's ranking) and one pooled AUROC (`{Cell}_auroc_pooled`, with its tuples
   `{Cell}_n`) rank the scores: `score_de` of the `de3` rows against label != 0; `score_up`
   of the `dir` rows against label == 2. The SynthPert paper's protocol
   (`{Cell}_auroc_paper`, same `{Cell}_n` tuples) pools the hard answers mapped to 1 / 0 /
@@ -17,6 +20,10 @@
   (bootstrap percentile 95% intervals, long format) and `*_unseen.csv` (the same
   metrics on test tuples whose perturbation has no training row in any cell line;
   `n_all` is the count before that filter).
+
+A failed request (status `failed`, written only under `evaluate.allow_failures`) is no
+answer: every metric leaves it out, and `n_failed` (`{Cell}_n_failed` in tables 1 and 2)
+counts it; `n` counts the answers scored.
 
 Every table has `kind`: `computed` rows come from predictions; `reported` rows are the
 published numbers of `published/reported.csv` (with their `paper` and `source`), appended
@@ -46,9 +53,10 @@ from synthpert.evaluation.metrics import (
     auroc_per_gene,
     auroc_pooled,
     bootstrap_three_class,
+    per_perturbation,
     three_class_metrics,
 )
-from synthpert.evaluation.predictions import load_predictions, ordered_cells
+from synthpert.evaluation.predictions import load_predictions, ordered_cells, without_failures
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +154,8 @@ def auroc_table(
     )
     records = []
     for row in rows:
-        mine = preds.filter((pl.col("row") == row) & (pl.col("task") == task))
+        everything = preds.filter((pl.col("row") == row) & (pl.col("task") == task))
+        mine = without_failures(everything)
         unscored = mine.filter(pl.col(score).is_null() | pl.col(score).is_nan()).height
         if unscored:
             raise CommandError(f"row {row!r}: {unscored} {task} predictions have no {score}")
@@ -160,15 +169,20 @@ def auroc_table(
             part = mine.filter(pl.col("cell") == cell).sort("qid")
             truth = part.select(positive).to_series()
             per_gene = auroc_per_gene(part["gene"], truth, part[score])
+            per_pert = per_perturbation(part["pert"], truth, part[score])
             pooled = auroc_pooled(truth, part[score])
             paper = auroc_paper(truth, part["pred"], task)
             subsets = auroc_paper_subsets(truth, part["pred"], task, seed)
             name = display_cell(cell)
             record[f"{name}_auroc_per_gene"] = _nan_to_none(per_gene.value)
             record[f"{name}_n_genes"] = per_gene.n_genes
+            record[f"{name}_auroc_per_pert"] = _nan_to_none(per_pert.auroc)
+            record[f"{name}_ap_per_pert"] = _nan_to_none(per_pert.ap)
+            record[f"{name}_n_perts"] = per_pert.n_perts
             record[f"{name}_auroc_pooled"] = _nan_to_none(pooled.value)
             record[f"{name}_auroc_paper"] = _nan_to_none(paper.value)
             record[f"{name}_n"] = pooled.n
+            record[f"{name}_n_failed"] = everything.filter(pl.col("cell") == cell).height - part.height
             record[f"{name}_auroc_paper_subsets_mean"] = _nan_to_none(subsets.mean)
             record[f"{name}_auroc_paper_subsets_sd"] = _nan_to_none(subsets.sd)
             record[f"{name}_n_subset"] = subsets.n
@@ -219,8 +233,10 @@ def three_class_table(
         if counts_before is not None:
             before = counts_before.filter((pl.col("row") == row) & (pl.col("cell") == cell))
             record["n_all"] = int(before["n"][0]) if before.height else 0
-        metrics = three_class_metrics(part["label"], part["pred"])
+        answers = without_failures(part)
+        metrics = three_class_metrics(answers["label"], answers["pred"])
         record.update({k: _nan_to_none(v) for k, v in metrics.items()})
+        record["n_failed"] = part.height - answers.height
         record["score_source"] = _score_source(part)
         records.append(record)
     return pl.DataFrame(records, infer_schema_length=None)
@@ -237,7 +253,7 @@ def ci_table(
 ) -> pl.DataFrame:
     """Long table of bootstrap 95% intervals: one line per (row, cell, metric)."""
     frames = []
-    for row, cell, part in _groups(preds, rows, cells, pooled):
+    for row, cell, part in _groups(without_failures(preds), rows, cells, pooled):
         ci = bootstrap_three_class(part["label"], part["pred"], n_boot, seed)
         frames.append(
             ci.with_columns(
@@ -316,7 +332,7 @@ def build(
     else:
         cells, pooled = ordered_cells(preds), True
     n_boot = settings.bootstrap
-    leading = ["split", "kind", "row", "cell", "n", "n_unparsed"]
+    leading = ["split", "kind", "row", "cell", "n", "n_unparsed", "n_failed"]
     main = three_class_table(preds, split, rows, cells, pooled)
     unseen = unseen_only(preds, splits)
     before = pl.DataFrame(

@@ -116,7 +116,7 @@ def trace_record(row: dict, response) -> dict:
     """One output row from a tuple and its teacher response."""
     probs: dict[int, float] = {}
     reasoning = None
-    if response.finish_reason == "error":
+    if response.failed:  # a permanent failure (transient ones stop the step): never kept
         answer, status = None, "error"
     elif response.option_logprobs:
         probs = class_probabilities(response.option_logprobs)
@@ -156,10 +156,7 @@ def run_shard(sample: pl.DataFrame, cell: str, shard: int, settings: Traces, out
         guard = spending_guard(settings.model, settings.budget, request_log.path, settings.max_requests, settings.max_tokens)
         if requests:  # an empty shard needs no model
             responses = run_requests(backend, requests, request_log, guard, f"traces {cell} shard {shard}")
-            records = [
-                trace_record(row, responses[req.key(backend.model)])
-                for row, req in zip(rows.iter_rows(named=True), requests, strict=True)
-            ]
+            records = [trace_record(row, resp) for row, resp in zip(rows.iter_rows(named=True), responses, strict=True)]
         usage = {"model": settings.model.model, "cell": cell, "shard": shard, "tuples": rows.height, **request_log.usage()}
     df = pl.DataFrame(records, schema=TRACE_SCHEMA)
     with atomic_path(usage_path(out)) as tmp:

@@ -43,10 +43,16 @@ from synthpert.core.prompts import parse_reasoning
 from synthpert.core.rows import ADAPTER_ROWS, LLM_ROWS, adapter_dir, adapter_layout, row_model_name
 from synthpert.core.settings import LOCAL_BACKENDS, Generation, Screen
 from synthpert.errors import CommandError, ConfigError
-from synthpert.evaluation.answers import PREDICTION_SCHEMA, answer_records, qid_expr, question_request
+from synthpert.evaluation.answers import (
+    PREDICTION_SCHEMA,
+    answer_records,
+    qid_expr,
+    question_request,
+    refuse_failures,
+)
 from synthpert.llm.backends import make_backend
 from synthpert.llm.embedded import local_path
-from synthpert.llm.requests import RequestLog
+from synthpert.llm.requests import RequestLog, run_requests
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +266,9 @@ def answer(rows: pl.DataFrame, model: Model, generation: Generation, log_path: P
     local = model.spec["backend"] in LOCAL_BACKENDS
     requests = [question_request(q, "de3", generation, local) for q in rows.iter_rows(named=True)]
     with RequestLog(log_path) as request_log:
-        responses = backend.run(requests, request_log, desc=desc)
-    return pl.DataFrame(answer_records(rows, requests, responses, backend.model), schema=PREDICTION_SCHEMA)
+        responses = run_requests(backend, requests, request_log, None, desc)
+    refuse_failures(responses, desc, log_path)  # a failure is never an answer
+    return pl.DataFrame(answer_records(rows, requests, responses), schema=PREDICTION_SCHEMA)
 
 
 def reasoning_text(raw_text: str, finish_reason: str) -> str:
