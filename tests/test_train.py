@@ -233,9 +233,11 @@ def test_killed_run_resumes_from_last_checkpoint(embedded_model, tmp_path, caplo
     assert not (out / "checkpoints").exists()
 
 
-def test_resume_point_discards_other_runs_and_incomplete_checkpoints(tmp_path):
+def test_resume_point_discards_other_runs_and_incomplete_checkpoints(tmp_path, caplog):
     ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()  # empty, as the trainer makes it before the resume point is asked
     assert resume_point(ckpt, "run-a") is None
+    assert "discarding" not in caplog.text  # a new run, not another run's checkpoints
     for step, complete in [(2, True), (4, True), (6, False)]:
         (ckpt / f"checkpoint-{step}").mkdir()
         if complete:

@@ -125,9 +125,10 @@ def fingerprint(data: Path, identity: dict[str, Any]) -> str:
 
 
 def resume_point(checkpoint_dir: Path, run_id: str) -> Path | None:
-    """The newest complete checkpoint of this run; stale or incomplete ones are removed."""
+    """The newest complete checkpoint of this run; stale or incomplete ones are removed. An
+    empty folder (the trainer makes its output folder before this is asked) is a new run."""
     marker = checkpoint_dir / "run.json"
-    if checkpoint_dir.exists():
+    if checkpoint_dir.exists() and any(checkpoint_dir.iterdir()):
         stale = not marker.exists() or json.loads(marker.read_text()).get("fingerprint") != run_id
         if stale:
             log.warning("discarding checkpoints in %s: they belong to other data or settings", checkpoint_dir)
