@@ -7,6 +7,7 @@ the student there, since the labels do not depend on the weights.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -75,12 +76,13 @@ def cli_settings(settings: Train) -> list[str]:
     return ["--settings", settings.params_json(), "--run", settings.run_json()]
 
 
-def start_cli(data: Path, out: Path, config: Train) -> subprocess.Popen:
+def start_cli(data: Path, out: Path, config: Train, env: dict | None = None) -> subprocess.Popen:
     """`synthpert train` as a rule runs it, in a process group of its own (with its launcher's workers)."""
     command = [sys.executable, "-m", "synthpert", "train", "--data", str(data), "--out-dir", str(out)]
     return subprocess.Popen(
-        [*command, *cli_settings(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
+        [*command, *cli_settings(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -314,11 +316,14 @@ def test_gpu_benchmark_runs_tiny_on_cpu(capsys):
 
 
 # ----------------------------------------------------------------- 5. several processes
-# Two gloo processes on the CPU (torchrun, as the step launches them): 3 steps of 2 short
+# Two gloo processes on the CPU (torchrun, as the step launches them): 2 steps of 2 short
 # conversations, 1 per process; the reference is one process accumulating 2 batches of 1.
+# Every process computes in one thread: on 2 shared cores, two threads per process spin
+# against each other and the other process (a step took 85 s instead of 4 s under load).
 
-MULTI = {"max_steps": 3, "batch_size": 1, "gradient_accumulation_steps": 2, "save_steps": 1, "max_length": 128}
-ADAPTER_TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}  # float sums in another order (all-reduce, 1 vs 2 threads)
+MULTI = {"max_steps": 2, "batch_size": 1, "gradient_accumulation_steps": 2, "save_steps": 1, "max_length": 128}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # what torchrun sets by default, whatever the caller's environment
+ADAPTER_TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}  # float sums in another order (all-reduce)
 
 
 def adapter_tensors(out: Path) -> dict:
@@ -339,7 +344,7 @@ def assert_same_adapter(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def multi_data(tmp_path_factory) -> Path:
-    return write_sft(tmp_path_factory.mktemp("multi") / "sft.parquet", [conversation(i) for i in range(6)])
+    return write_sft(tmp_path_factory.mktemp("multi") / "sft.parquet", [conversation(i) for i in range(4)])
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +352,19 @@ def two_processes(embedded_model, multi_data) -> tuple[Train, Path, str]:
     """An uninterrupted 2-process run: its settings, output folder and log."""
     config = dataclasses.replace(settings(str(embedded_model), **MULTI), processes=2)
     out = multi_data.parent / "two"
-    return config, out, finish(start_cli(multi_data, out, config))
+    return config, out, finish(start_cli(multi_data, out, config, ONE_THREAD))
+
+
+@contextlib.contextmanager
+def one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
@@ -356,16 +373,17 @@ def test_two_processes_train_the_adapter_of_one_process_accumulating(two_process
     assert "torchrun: 2 processes" in stderr
     assert "2 process(es) x batch 1 x accumulation 1 = 2 sequences per optimizer step" in stderr
     one = multi_data.parent / "one"
-    metrics_one = train(multi_data, dataclasses.replace(config, processes=1), one)
+    with one_thread():
+        metrics_one = train(multi_data, dataclasses.replace(config, processes=1), one)
     metrics = json.loads((out / "train_metrics.json").read_text())
     split = ("processes", "batch_per_process", "gradient_accumulation")
     assert [metrics_one[k] for k in split] == [1, 1, 2] and [metrics[k] for k in split] == [2, 1, 1]
-    assert metrics["steps"] == 3
+    assert metrics["steps"] == 2
     assert_same_adapter(out, one)
     log, log_one = pl.read_csv(out / "train_log.csv"), pl.read_csv(one / "train_log.csv")
-    assert log["step"].to_list() == [1, 2, 3]  # written once, by rank 0
+    assert log["step"].to_list() == [1, 2]  # written once, by rank 0
     assert log["loss"].to_list() == pytest.approx(log_one["loss"].to_list(), rel=1e-4)
-    assert stderr.count("trained 3 steps") == 1  # rank 0 speaks for the group
+    assert stderr.count("trained 2 steps") == 1  # rank 0 speaks for the group
     assert not (out / "checkpoints").exists()
 
 
@@ -373,12 +391,13 @@ def test_two_processes_train_the_adapter_of_one_process_accumulating(two_process
 def test_killed_two_process_run_resumes_to_the_same_adapter(two_processes, multi_data):
     config, uninterrupted, _ = two_processes
     out = multi_data.parent / "killed"
-    kill_after_a_checkpoint(start_cli(multi_data, out, config), out, timeout=300)  # torchrun and both workers
+    # torchrun and both workers, once checkpoint-1 is complete (step 2 takes seconds)
+    kill_after_a_checkpoint(start_cli(multi_data, out, config, ONE_THREAD), out, timeout=300)
     assert not (out / "train_metrics.json").exists()
 
-    stderr = finish(start_cli(multi_data, out, config))
+    stderr = finish(start_cli(multi_data, out, config, ONE_THREAD))
     assert "resuming from" in stderr
     metrics = json.loads((out / "train_metrics.json").read_text())
-    assert metrics["resumed_from_step"] in (1, 2) and metrics["steps"] == 3
-    assert pl.read_csv(out / "train_log.csv")["step"].to_list() == [1, 2, 3]
+    assert metrics["resumed_from_step"] == 1 and metrics["steps"] == 2
+    assert pl.read_csv(out / "train_log.csv")["step"].to_list() == [1, 2]
     assert_same_adapter(out, uninterrupted)
