@@ -58,6 +58,8 @@ from tokenizers.models import WordLevel
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from synthpert.llm.training import distributed_arguments
+
 PEAK_BF16_TFLOPS = [("H100", "PCIE", 756.0), ("H100", "", 989.0), ("H200", "", 989.0), ("A100", "", 312.0)]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SWEEP = {
@@ -189,13 +191,11 @@ def run(args, name: str, padding_free=False, packing=False, liger=False) -> bool
             dataloader_num_workers=0,
             disable_tqdm=True,
             seed=args.seed,
+            **distributed_arguments(processes),  # as synthpert train runs several processes (gloo on a CPU)
         )
         lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=TARGETS,
                           task_type="CAUSAL_LM")  # fmt: skip
         timer = StepTimer(args.warmup_steps)
-        if processes > 1:  # as synthpert train runs several processes (llm/training.py)
-            sft.ddp_find_unused_parameters = False
-            sft.gradient_checkpointing_kwargs = {"use_reentrant": False}
         trainer = SFTTrainer(
             model=model,
             args=sft,
