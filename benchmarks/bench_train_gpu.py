@@ -29,6 +29,11 @@ kernels in one go. A CPU smoke run:
     python benchmarks/bench_train_gpu.py --layers 1 --hidden 64 --heads 4 --kv-heads 2 \\
         --intermediate 128 --vocab 512 --seq-len 64 --batch-size 2 --warmup-steps 1 --steps 2
 
+`--processes N` trains data parallel in N processes (one per GPU; gloo on a CPU), started by
+torchrun as `synthpert train` starts them: `--batch-size` is then per process, tokens/s are
+those of all processes together and MFU is against N cards' peak. It has been run on CPUs
+only (2 processes, gloo), never on several GPUs.
+
 Exits non-zero when a configuration fails (out of memory included).
 """
 
@@ -37,7 +42,9 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import os
 import random
+import subprocess
 import resource
 import sys
 import tempfile
@@ -50,6 +57,8 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
+
+from synthpert.llm.training import distributed_arguments
 
 PEAK_BF16_TFLOPS = [("H100", "PCIE", 756.0), ("H100", "", 989.0), ("H200", "", 989.0), ("A100", "", 312.0)]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -87,7 +96,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--sweep", action="store_true", help="run padded, padding_free, packing and liger in turn")
     run.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the card")
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--processes", type=int, default=1, help="data-parallel processes (torchrun), one per GPU")
     return p.parse_args(argv)
+
+
+def world() -> tuple[int, int]:
+    """(rank, processes) under torchrun; (0, 1) alone."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def peak_tflops(args) -> float | None:
@@ -149,10 +164,12 @@ def run(args, name: str, padding_free=False, packing=False, liger=False) -> bool
     )  # fmt: skip
     steps = args.warmup_steps + args.steps
     # packing fills each row to seq_len from shorter sequences: make enough of them
-    data = sequences(args, steps * args.batch_size * (4 if packing else 1))
+    data = sequences(args, steps * args.batch_size * args.processes * (4 if packing else 1))
     trainer = model = None
     try:
-        with torch.device("cuda" if cuda else "cpu"):
+        rank, processes = world()
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
+        with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=args.attn)
         model.config.use_cache = False
         frozen = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -174,6 +191,7 @@ def run(args, name: str, padding_free=False, packing=False, liger=False) -> bool
             dataloader_num_workers=0,
             disable_tqdm=True,
             seed=args.seed,
+            **distributed_arguments(processes),  # as synthpert train runs several processes (gloo on a CPU)
         )
         lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=TARGETS,
                           task_type="CAUSAL_LM")  # fmt: skip
@@ -199,8 +217,11 @@ def run(args, name: str, padding_free=False, packing=False, liger=False) -> bool
         flops_per_token = 4 * frozen + 6 * trainable + 12 * args.layers * args.hidden * s_eff
         tflops = flops_per_token * tokens / seconds / 1e12
         peak = peak_tflops(args)
-        mfu = f"{tflops / peak:.1%}" if peak else "n/a"
+        mfu = f"{tflops / (peak * processes):.1%}" if peak else "n/a"
         device = torch.cuda.get_device_name() if cuda else "cpu"
+        device += f" x {processes} processes" if processes > 1 else ""
+        if rank != 0:  # rank 0 reports for all
+            return True
         print(
             f"[{name}] {tokens / seconds:,.0f} tokens/s | {seconds / args.steps:.3f} s/step | "
             f"peak memory {memory / 2**30:.1f} GiB | MFU {mfu} ({tflops:.0f} model TFLOP/s, peak {peak or 'n/a'}) | "
@@ -220,8 +241,18 @@ def run(args, name: str, padding_free=False, packing=False, liger=False) -> bool
             torch.cuda.empty_cache()
 
 
+def launch(args, argv) -> int:
+    """Run this benchmark in `args.processes` workers under torchrun; their exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.processes}",
+               __file__, *argv]  # fmt: skip
+    return subprocess.run(command).returncode
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.processes > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(args, argv)
     if args.steps < 1 or args.warmup_steps < 1:
         sys.exit("--steps and --warmup-steps must be at least 1 (the first step compiles and allocates)")
     if args.sweep:

@@ -67,10 +67,16 @@ def result_settings(step, **fixed):
 def run_settings(step, **fixed):
     """How a step runs (concurrency, retries, batch sizes, caps, logging), as JSON. A
     params function of `resources` counts as derived from the job's resources, so
-    Snakemake never re-runs a job because it changed. Use as `params: run=run_settings(step)`.
+    Snakemake never re-runs a job because it changed; the training steps read their process
+    count from those resources (`settings.job_processes`). Use as
+    `params: run=run_settings(step)`.
     """
     return lambda wildcards, resources: step_settings.for_step(
-        config, step, **dict(wildcards.items()), **fixed
+        config,
+        step,
+        resources=dict(resources.items()),
+        **dict(wildcards.items()),
+        **fixed,
     ).run_json()
 
 

@@ -144,9 +144,10 @@ def test_bad_settings_and_inputs_are_refused_before_loading(student, tmp_path):
 def test_settings_and_config_checks():
     cfg = step_settings("grpo")
     assert isinstance(cfg, Grpo)
-    assert set(cfg.run()) == {"model", "save_steps", "logging_steps"}  # intervals never re-run GRPO
+    # intervals, the generation server and the process count never re-run GRPO
+    assert set(cfg.run()) == {"model", "save_steps", "logging_steps", "vllm_mode", "processes"}
     assert cfg.params()["sample"] == {"fraction": None, "count": 6, "seed": 88, "balanced": True}
-    same = step_settings("grpo", demo_config(**{"rl.save_steps": 7, "rl.logging_steps": 3}))
+    same = step_settings("grpo", demo_config(**{"rl.save_steps": 7, "rl.logging_steps": 3, "rl.vllm_mode": "server"}))
     assert same.params_json() == cfg.params_json()  # a rule's params: no re-run
     for key, value in [("rl.learning_rate", 1e-3), ("rl.beta", 0.0), ("rl.sample.seed", 1), ("rl.format_weight", 0.5)]:
         assert step_settings("grpo", demo_config(**{key: value})).params_json() != cfg.params_json(), key

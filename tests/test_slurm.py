@@ -18,6 +18,7 @@ Accounting goes through slurmdbd because the executor plugin asks `sacct` for jo
 from __future__ import annotations
 
 import collections
+import json
 import os
 import re
 import shutil
@@ -42,7 +43,7 @@ CLUSTER, ACCOUNT, CPU_PARTITION, GPU_PARTITION = "synthpert", "synthpert", "cpu"
 PLACEHOLDERS = {"<account>": ACCOUNT, "<cpu-partition>": CPU_PARTITION, "<gpu-partition>": GPU_PARTITION}
 # Declared, not detected: at least the profile's largest job (train, predict).
 NODE_CPUS, NODE_MEMORY_MB = 16, 256000
-SNAKEMAKE_TIMEOUT_S = 900
+SNAKEMAKE_TIMEOUT_S = 1500  # about 5 min on 2 quiet cores; 868 s at load average 5 (cores shared)
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/sbin"])
 
 
@@ -282,22 +283,34 @@ def small_demo_config(path: Path) -> Path:
     cfg["data"].update(source=str(REPO / "data" / "perturbqa-demo"), cells=["k562"], holdout=[])
     cfg["data"]["sha256"] = {k: v for k, v in cfg["data"]["sha256"].items() if k.startswith("k562-")}
     cfg["traces"]["sample"]["count"] = 8
-    cfg["train"].update(variants=["synthpert"], max_steps=2, save_steps=1)
+    cfg["train"].update(variants=["synthpert"], max_steps=2, save_steps=1, batch_size=2)  # 1 per process
     cfg["evaluate"].update(rows=["majority", "base", "synthpert", "teacher"], bootstrap=20)
     cfg["evaluate"]["sample"]["count"] = 2
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
+TRAIN_TASKS = 2  # train runs as a job of 2 tasks (CPU processes, gloo), as docs/cluster.md shows for GPUs
+# One CPU per task: the profile's 8 become OMP_NUM_THREADS=8 in each task (Snakemake sets it
+# from the threads), and 16 threads spinning on this machine's 2 cores slow a gloo step about
+# 7 times (2 steps of 2 processes: 71 s against 10 s with one thread each); the run outlasted
+# its time limit.
+TRAIN_THREADS = 1
+
+
 def slurm_test_profile(folder: Path) -> tuple[Path, dict]:
-    """profiles/slurm with the placeholders filled in for the test cluster, and without
-    conda (no channel is reachable here; the steps run in this Python environment)."""
+    """profiles/slurm with the placeholders filled in for the test cluster, without conda
+    (no channel is reachable here; the steps run in this Python environment), and `train`
+    made a job of 2 tasks of one CPU each through the profile's resources (`tasks`, `mpi`,
+    threads): the step starts its 2 processes with srun, as a multi-node job does."""
     text = (REPO / "profiles" / "slurm" / "config.yaml").read_text()
     for placeholder, value in PLACEHOLDERS.items():
         assert placeholder in text, f"profiles/slurm documents {placeholder}"
         text = text.replace(placeholder, value)
     profile = yaml.safe_load(text)
     assert profile.pop("software-deployment-method") == "conda"
+    profile["set-resources"]["train"].update(tasks=TRAIN_TASKS, mpi="srun")
+    profile["set-threads"]["train"] = TRAIN_THREADS
     folder.mkdir()
     (folder / "config.yaml").write_text(yaml.safe_dump(profile))
     return folder, profile
@@ -398,8 +411,9 @@ def test_demo_runs_through_slurm_with_the_profile(slurm_cluster, embedded_model,
             assert job["Partition"] == GPU_PARTITION and "gres/gpu:a100=1" in tres, job
         else:
             assert job["Partition"] == CPU_PARTITION and "gres/gpu" not in tres, job
-        if rule == "train":
-            assert f"mem={train_mem}M" in tres and f"cpu={profile['set-threads']['train']}" in tres, job
+        if rule == "train":  # 2 tasks of the profile's CPUs each
+            cpus = TRAIN_TASKS * profile["set-threads"]["train"]
+            assert f"mem={train_mem}M" in tres and f"cpu={cpus}" in tres, job
     assert any(rule_of(j) == "predict" and "teacher" in wildcard_values(j) for j in jobs)
 
     # The tables came out, and each rule and each SLURM job left its log.
@@ -408,7 +422,12 @@ def test_demo_runs_through_slurm_with_the_profile(slurm_cluster, embedded_model,
     assert set(table3["row"]) == {"majority", "base", "synthpert", "teacher"}
     for name in ("table1.csv", "table2.csv", "table5.csv", "models/default/synthpert/loss.png"):
         assert (results / name).stat().st_size > 0, name
-    assert (work / "logs" / "train" / "default" / "synthpert.log").exists()
+    train_log = (work / "logs" / "train" / "default" / "synthpert.log").read_text()
+    assert f"srun: {TRAIN_TASKS} processes on 1 node(s)" in train_log, train_log[-3000:]
+    assert f"--ntasks={TRAIN_TASKS} --cpus-per-task={TRAIN_THREADS} " in train_log
+    assert train_log.count("trained 2 steps") == 1  # rank 0 speaks for both
+    metrics = json.loads((results / "models" / "default" / "synthpert" / "train_metrics.json").read_text())
+    assert metrics["processes"] == TRAIN_TASKS and metrics["batch_per_process"] == 1 and metrics["steps"] == 2
     slurm_logs = work / "logs" / "slurm"
     for job in jobs:
         assert list((slurm_logs / f"rule_{rule_of(job)}").rglob(f"{job['JobID']}.log")), job

@@ -7,8 +7,10 @@ the student there, since the labels do not depend on the weights.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -72,6 +74,35 @@ def settings(model: str, **train_settings) -> Train:
 def cli_settings(settings: Train) -> list[str]:
     """The two JSON arguments a rule passes."""
     return ["--settings", settings.params_json(), "--run", settings.run_json()]
+
+
+def start_cli(data: Path, out: Path, config: Train, env: dict | None = None) -> subprocess.Popen:
+    """`synthpert train` as a rule runs it, in a process group of its own (with its launcher's workers)."""
+    command = [sys.executable, "-m", "synthpert", "train", "--data", str(data), "--out-dir", str(out)]
+    return subprocess.Popen(
+        [*command, *cli_settings(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen) -> str:
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr.decode()[-4000:]
+    return stderr.decode()
+
+
+def kill_after_a_checkpoint(proc: subprocess.Popen, out: Path, timeout: float) -> None:
+    """SIGKILL the training's process group once a complete checkpoint is on disk."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not list((out / "checkpoints").glob("checkpoint-*/trainer_state.json")):
+            assert proc.poll() is None, f"training ended before a checkpoint was seen: {proc.stderr.read().decode()}"
+            assert time.monotonic() < deadline, f"no checkpoint within {timeout} s"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @pytest.fixture
@@ -191,18 +222,7 @@ def test_killed_run_resumes_from_last_checkpoint(embedded_model, tmp_path, caplo
     data = write_sft(tmp_path / "sft.parquet", [conversation(i) for i in range(8)])
     out = tmp_path / "out"
     config = settings(str(embedded_model), max_steps=6, save_steps=2)
-    command = [sys.executable, "-m", "synthpert.cli", "train", "--data", str(data), "--out-dir", str(out)]
-    proc = subprocess.Popen([*command, *cli_settings(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 240
-        while not list((out / "checkpoints").glob("checkpoint-*/trainer_state.json")):
-            assert proc.poll() is None, f"training ended before a checkpoint was seen: {proc.stderr.read().decode()}"
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_after_a_checkpoint(start_cli(data, out, config), out, timeout=240)
     assert not (out / "train_metrics.json").exists()
 
     caplog.set_level("INFO", logger="synthpert.steps.train")
@@ -215,9 +235,11 @@ def test_killed_run_resumes_from_last_checkpoint(embedded_model, tmp_path, caplo
     assert not (out / "checkpoints").exists()
 
 
-def test_resume_point_discards_other_runs_and_incomplete_checkpoints(tmp_path):
+def test_resume_point_discards_other_runs_and_incomplete_checkpoints(tmp_path, caplog):
     ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()  # empty, as the trainer makes it before the resume point is asked
     assert resume_point(ckpt, "run-a") is None
+    assert "discarding" not in caplog.text  # a new run, not another run's checkpoints
     for step, complete in [(2, True), (4, True), (6, False)]:
         (ckpt / f"checkpoint-{step}").mkdir()
         if complete:
@@ -252,10 +274,12 @@ def test_too_long_conversations_are_dropped_and_counted(embedded_model, tmp_path
 def test_settings_are_the_schema_train_section():
     schema = yaml.safe_load((REPO / "src" / "synthpert" / "core" / "schema.yaml").read_text())
     props = set(schema["properties"]["train"]["properties"])
-    assert props - {"variants"} == {f for f in Train.__dataclass_fields__}  # variants: which jobs, not how
-    trained = settings("x", learning_rate=2e-4, save_steps=7, logging_steps=3)
+    # variants: which jobs, not how; processes: the job's resources, not the configuration
+    assert props - {"variants"} == {f for f in Train.__dataclass_fields__} - {"processes"}
+    trained = settings("x", learning_rate=2e-4, save_steps=7, logging_steps=3, sharding="fsdp")
     assert trained.learning_rate == 2e-4 and trained.params()["learning_rate"] == 2e-4
-    assert trained.run() == {"save_steps": 7, "logging_steps": 3, "model": trained.model.run()}
+    run = {"save_steps": 7, "logging_steps": 3, "sharding": "fsdp", "processes": 1, "model": trained.model.run()}
+    assert trained.run() == run
     assert Train.from_cli(trained.params(), trained.run()) == trained
     with pytest.raises(CommandError, match="unknown .*'lr'"):
         Train.from_cli({**trained.params(), "lr": 1}, trained.run())
@@ -289,3 +313,91 @@ def test_gpu_benchmark_runs_tiny_on_cpu(capsys):
     assert bench.main([*tiny.split(), "--batch-size", "2", "--warmup-steps", "1", "--steps", "1"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("[padded] ") and "tokens/s" in line and "MFU" in line
+
+
+# ----------------------------------------------------------------- 5. several processes
+# Two gloo processes on the CPU (torchrun, as the step launches them): 2 steps of 2 short
+# conversations, 1 per process; the reference is one process accumulating 2 batches of 1.
+# Every process computes in one thread: on 2 shared cores, two threads per process spin
+# against each other and the other process (a step took 85 s instead of 4 s under load).
+
+MULTI = {"max_steps": 2, "batch_size": 1, "gradient_accumulation_steps": 2, "save_steps": 1, "max_length": 128}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # what torchrun sets by default, whatever the caller's environment
+ADAPTER_TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}  # float sums in another order (all-reduce)
+
+
+def adapter_tensors(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    import torch
+
+    first, second = adapter_tensors(a), adapter_tensors(b)
+    assert first.keys() == second.keys() and any("lora_B" in k for k in first)
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], **ADAPTER_TOLERANCE, msg=key)
+    assert any(t.abs().sum() > 0 for k, t in first.items() if "lora_B" in k)  # trained
+
+
+@pytest.fixture(scope="module")
+def multi_data(tmp_path_factory) -> Path:
+    return write_sft(tmp_path_factory.mktemp("multi") / "sft.parquet", [conversation(i) for i in range(4)])
+
+
+@pytest.fixture(scope="module")
+def two_processes(embedded_model, multi_data) -> tuple[Train, Path, str]:
+    """An uninterrupted 2-process run: its settings, output folder and log."""
+    config = dataclasses.replace(settings(str(embedded_model), **MULTI), processes=2)
+    out = multi_data.parent / "two"
+    return config, out, finish(start_cli(multi_data, out, config, ONE_THREAD))
+
+
+@contextlib.contextmanager
+def one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_adapter_of_one_process_accumulating(two_processes, multi_data):
+    config, out, stderr = two_processes
+    assert "torchrun: 2 processes" in stderr
+    assert "2 process(es) x batch 1 x accumulation 1 = 2 sequences per optimizer step" in stderr
+    one = multi_data.parent / "one"
+    with one_thread():
+        metrics_one = train(multi_data, dataclasses.replace(config, processes=1), one)
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    split = ("processes", "batch_per_process", "gradient_accumulation")
+    assert [metrics_one[k] for k in split] == [1, 1, 2] and [metrics[k] for k in split] == [2, 1, 1]
+    assert metrics["steps"] == 2
+    assert_same_adapter(out, one)
+    log, log_one = pl.read_csv(out / "train_log.csv"), pl.read_csv(one / "train_log.csv")
+    assert log["step"].to_list() == [1, 2]  # written once, by rank 0
+    assert log["loss"].to_list() == pytest.approx(log_one["loss"].to_list(), rel=1e-4)
+    assert stderr.count("trained 2 steps") == 1  # rank 0 speaks for the group
+    assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_killed_two_process_run_resumes_to_the_same_adapter(two_processes, multi_data):
+    config, uninterrupted, _ = two_processes
+    out = multi_data.parent / "killed"
+    # torchrun and both workers, once checkpoint-1 is complete (step 2 takes seconds)
+    kill_after_a_checkpoint(start_cli(multi_data, out, config, ONE_THREAD), out, timeout=300)
+    assert not (out / "train_metrics.json").exists()
+
+    stderr = finish(start_cli(multi_data, out, config, ONE_THREAD))
+    assert "resuming from" in stderr
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 1 and metrics["steps"] == 2
+    assert pl.read_csv(out / "train_log.csv")["step"].to_list() == [1, 2]
+    assert_same_adapter(out, uninterrupted)

@@ -217,6 +217,25 @@ class Budget(Settings):
         return cls(step, config[step].get("budget_usd"), budget.get("usd"), budget.get("ledger", DEFAULT_LEDGER))
 
 
+def job_processes(resources: dict | None) -> int:
+    """The training processes a job holds, from its Snakemake resources (set in the profile):
+    `tasks` (the SLURM executor's name), else `nodes` x `tasks_per_node`, else its GPUs;
+    one without any. A run setting: the same adapter comes out whatever the count."""
+    resources = resources or {}
+    if resources.get("tasks"):
+        count = resources["tasks"]
+    elif resources.get("tasks_per_node"):
+        count = resources["tasks_per_node"] * (resources.get("nodes") or 1)
+    else:
+        count = resources.get("gpu") or 1
+    if not isinstance(count, int) or count < 1:
+        raise ConfigError(
+            f"a training job's processes (resources tasks, tasks_per_node x nodes, or gpu) must be a positive "
+            f"integer, got {count!r}"
+        )
+    return count
+
+
 # --------------------------------------------------------------------------- steps
 
 
@@ -303,13 +322,16 @@ class Train(Settings):
     chat_template: str | None
     save_steps: int = run_field(default=500)
     logging_steps: int = run_field(default=10)
+    sharding: str = run_field(default="none")
+    processes: int = run_field(default=1)  # the job's (job_processes), not a config key
 
     @classmethod
-    def from_config(cls, config: dict, **_) -> Train:
+    def from_config(cls, config: dict, resources: dict | None = None, **_) -> Train:
         train = dict(config["train"])
         model = _model(config, train.pop("model"))
         train.pop("variants")
-        return cls(model=model, **{k: tuple(v) if isinstance(v, list) else v for k, v in train.items()})
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in train.items()}
+        return cls(model=model, processes=job_processes(resources), **fields)
 
 
 @dataclass(frozen=True)
@@ -331,11 +353,14 @@ class Grpo(Settings):
     seed: int
     save_steps: int = run_field(default=50)
     logging_steps: int = run_field(default=1)
+    vllm_mode: str = run_field(default="colocate")
+    processes: int = run_field(default=1)  # the job's (job_processes), not a config key
 
     @classmethod
-    def from_config(cls, config: dict, **_) -> Grpo:
+    def from_config(cls, config: dict, resources: dict | None = None, **_) -> Grpo:
         rl = dict(config["rl"])
-        return cls(model=_model(config, config["train"]["model"]), sample=Sample.of(rl.pop("sample")), **rl)
+        model, sample = _model(config, config["train"]["model"]), Sample.of(rl.pop("sample"))
+        return cls(model=model, sample=sample, processes=job_processes(resources), **rl)
 
 
 @dataclass(frozen=True)
@@ -466,7 +491,7 @@ STEPS: dict[str, type[Settings]] = {
 }
 
 
-def for_step(config: dict, step: str, **wildcards: Any) -> Settings:
-    """The settings of `step` (a key of `STEPS`) for one job, from the validated config
-    and the job's wildcards."""
-    return STEPS[step].from_config(config, **wildcards)
+def for_step(config: dict, step: str, resources: dict | None = None, **wildcards: Any) -> Settings:
+    """The settings of `step` (a key of `STEPS`) for one job, from the validated config,
+    the job's wildcards and (run fields only: the training steps' process count) its resources."""
+    return STEPS[step].from_config(config, resources=resources, **wildcards)

@@ -1,6 +1,7 @@
 """What the training steps (`train`: SFT, `grpo`: RL after it) share: the precision a
-student trains in, checkpoints that resume only their own run, and outputs staged then
-moved into place with their marker last."""
+student trains in, how a batch is split over several processes (`llm/launch.py` starts
+them), checkpoints that resume only their own run, and outputs staged then moved into
+place with their marker last."""
 
 from __future__ import annotations
 
@@ -58,6 +59,61 @@ def trainer_arguments(model, seed: int, logging_steps: int, save_steps: int) -> 
     )
 
 
+def process_batches(batch_size: int, accumulation: int, processes: int, section: str) -> tuple[int, int]:
+    """(per-process batch, gradient accumulation) that keep an optimizer step at
+    `batch_size` x `accumulation` sequences (the settings' effective batch) over `processes`
+    processes: the accumulation shrinks first, then the per-process batch. One process
+    keeps both as they are."""
+    total = batch_size * accumulation
+    for per_process in range(batch_size, 0, -1):
+        if total % (per_process * processes) == 0:
+            steps = total // (per_process * processes)
+            log.info(
+                "%d process(es) x batch %d x accumulation %d = %d sequences per optimizer step "
+                "(%s.batch_size %d x %s.gradient_accumulation_steps %d)",
+                processes, per_process, steps, total, section, batch_size, section, accumulation,
+            )  # fmt: skip
+            return per_process, steps
+    raise CommandError(
+        f"{section}.batch_size {batch_size} x {section}.gradient_accumulation_steps {accumulation} = {total} sequences "
+        f"per step cannot be split evenly over {processes} processes; make it a multiple of {processes}"
+    )
+
+
+FSDP_ARGUMENTS = dict(  # the LoRA student's layers sharded, TRL's and PEFT's documented setup
+    fsdp="full_shard auto_wrap",
+    fsdp_config={
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "use_orig_params": False,
+        "cpu_ram_efficient_loading": True,
+        "sync_module_states": True,
+        "state_dict_type": "FULL_STATE_DICT",  # the adapter is saved whole, by rank 0
+    },
+)
+
+
+def distributed_arguments(processes: int, sharding: str = "none") -> dict[str, Any]:
+    """The `TrainingArguments` of several processes (none for one: today's path):
+    data parallel without searching for unused parameters (the frozen base has none to
+    reduce), non-reentrant gradient checkpointing (DDP and FSDP need it), or FSDP; on CPUs,
+    gloo."""
+    if processes == 1:
+        if sharding != "none":
+            log.warning("sharding %r needs several processes; training in one process without it", sharding)
+        return {}
+    args: dict[str, Any] = {
+        "ddp_find_unused_parameters": False,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    }
+    if not torch.cuda.is_available():  # CPU processes: accelerate joins them only when told so, through gloo
+        args.update(use_cpu=True, ddp_backend="gloo")
+    if sharding == "fsdp":
+        args.update(FSDP_ARGUMENTS)
+    elif sharding != "none":
+        raise CommandError(f"sharding must be 'none' or 'fsdp', got {sharding!r}")
+    return args
+
+
 def fingerprint(data: Path, identity: dict[str, Any]) -> str:
     """Identity of a run (data bytes + what shapes the training): a checkpoint resumes only its own run."""
     h = hashlib.sha256()
@@ -69,9 +125,10 @@ def fingerprint(data: Path, identity: dict[str, Any]) -> str:
 
 
 def resume_point(checkpoint_dir: Path, run_id: str) -> Path | None:
-    """The newest complete checkpoint of this run; stale or incomplete ones are removed."""
+    """The newest complete checkpoint of this run; stale or incomplete ones are removed. An
+    empty folder (the trainer makes its output folder before this is asked) is a new run."""
     marker = checkpoint_dir / "run.json"
-    if checkpoint_dir.exists():
+    if checkpoint_dir.exists() and any(checkpoint_dir.iterdir()):
         stale = not marker.exists() or json.loads(marker.read_text()).get("fingerprint") != run_id
         if stale:
             log.warning("discarding checkpoints in %s: they belong to other data or settings", checkpoint_dir)

@@ -8,9 +8,12 @@ rewarded by the evaluation's parser against the PerturbQA label (`evaluation/rew
   then the `<think>` prefill. The token ids TRL will see are checked against the evaluation's.
 * Advantages are the reward minus its group mean, unscaled (`scale_rewards="none"`): on a
   balanced batch, an answer given whatever the question gains nothing.
-* Generation runs through vLLM (TRL's `use_vllm`, colocated) when the student's backend is
-  `vllm` and a GPU is present, as the evaluation would; otherwise through transformers.
-* A killed job resumes from its last complete checkpoint, as `train` does.
+* Generation runs through vLLM (TRL's `use_vllm`) when the student's backend is `vllm` and a
+  GPU is present, as the evaluation would; otherwise through transformers. The engine is
+  colocated in every training process (`rl.vllm_mode: colocate`), or a `trl vllm-serve` on the
+  job's last GPU while the others train (`server`, `llm/launch.py`).
+* A killed job resumes from its last complete checkpoint, as `train` does; a job of several
+  processes is launched, split and written (rank 0 only) as `train`'s is.
 
 Outputs in `--out-dir`: `adapter/`, `grpo_log.csv` (reward, per-class correctness, KL per
 logged step), `reward.png`, `kl.png`, `grpo_metrics.json` (written last: the marker).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -43,9 +47,19 @@ from synthpert.core.settings import Generation, Grpo, Sample
 from synthpert.errors import CommandError
 from synthpert.evaluation.answers import qid_expr, question_request
 from synthpert.evaluation.rewards import TASK, CompletionRewards
+from synthpert.llm import launch
 from synthpert.llm.model import check_adapter, load_tokenizer, resolve_local_model
 from synthpert.llm.prompting import encode, render
-from synthpert.llm.training import fingerprint, move_into_place, peak_memory, precision, resume_point, trainer_arguments
+from synthpert.llm.training import (
+    distributed_arguments,
+    fingerprint,
+    move_into_place,
+    peak_memory,
+    precision,
+    process_batches,
+    resume_point,
+    trainer_arguments,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +120,27 @@ def use_vllm(cfg: Grpo) -> bool:
     return cfg.model.backend == "vllm" and torch.cuda.is_available()
 
 
+def vllm_arguments(cfg: Grpo) -> dict[str, Any]:
+    """TRL's vLLM settings: colocated, or the server the launcher started (`llm/launch.py`)."""
+    if not use_vllm(cfg):
+        return {"use_vllm": False}
+    if cfg.vllm_mode == "colocate":
+        return {"use_vllm": True, "vllm_mode": "colocate"}
+    host, _, port = os.environ.get(launch.VLLM_SERVER, "").rpartition(":")
+    if not host:
+        raise CommandError(f"rl.vllm_mode server: no vLLM server was started for this job ({launch.VLLM_SERVER} unset)")
+    return {"use_vllm": True, "vllm_mode": "server", "vllm_server_host": host, "vllm_server_port": int(port)}
+
+
 def build_trainer(model, tokenizer, dataset, cfg: Grpo, rewards: CompletionRewards, checkpoint_dir) -> GRPOTrainer:
+    processes = launch.world_size()
+    batch, accumulation = process_batches(cfg.batch_size, cfg.gradient_accumulation_steps, processes, "rl")
     args = GRPOConfig(
         output_dir=str(checkpoint_dir),
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
         num_generations=cfg.num_generations,
         max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature,
@@ -120,9 +148,9 @@ def build_trainer(model, tokenizer, dataset, cfg: Grpo, rewards: CompletionRewar
         beta=cfg.beta,
         scale_rewards="none",  # advantages: reward minus the group mean (see evaluation/rewards.py)
         reward_weights=[1.0, cfg.format_weight],
-        use_vllm=use_vllm(cfg),
-        vllm_mode="colocate",
+        **vllm_arguments(cfg),
         **trainer_arguments(model, cfg.seed, cfg.logging_steps, cfg.save_steps),
+        **distributed_arguments(processes),
     )
     return GRPOTrainer(
         model=model, reward_funcs=rewards.functions(), args=args, train_dataset=dataset, processing_class=tokenizer
@@ -190,8 +218,9 @@ def _mean(rows: list[dict], column: str, last: bool) -> float | None:
 # --------------------------------------------------------------------------- the step
 
 
-def grpo(split_file, trace_sample, adapter, cfg: Grpo, out_dir, checkpoint_dir=None) -> dict[str, Any]:
-    """Continue `adapter` by GRPO; returns the metrics written to grpo_metrics.json."""
+def grpo(split_file, trace_sample, adapter, cfg: Grpo, out_dir, checkpoint_dir=None) -> dict[str, Any] | None:
+    """Continue `adapter` by GRPO; returns the metrics written to grpo_metrics.json (None in a
+    worker other than rank 0)."""
     out_dir = Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
     if cfg.batch_size % cfg.num_generations:
@@ -221,11 +250,12 @@ def grpo(split_file, trace_sample, adapter, cfg: Grpo, out_dir, checkpoint_dir=N
         **cfg.params(), "student": student, "dtype": dtype_name, "adapter": folder_digest(adapter),
         "prompts": text_digest(json.dumps(texts)),
     }  # fmt: skip
-    resume = resume_point(checkpoint_dir, fingerprint(Path(split_file), identity))
     model = load_policy(student, str(adapter), dtype, cfg.model.revision)
     eos = model.generation_config.eos_token_id
     stop_ids = {i for i in [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id] if i is not None}
     trainer = build_trainer(model, tokenizer, dataset, cfg, CompletionRewards(prefill, stop_ids), checkpoint_dir)
+    with trainer.accelerator.main_process_first():  # rank 0 cleans up, the others find the same checkpoint
+        resume = resume_point(checkpoint_dir, fingerprint(Path(split_file), identity))
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -235,6 +265,9 @@ def grpo(split_file, trace_sample, adapter, cfg: Grpo, out_dir, checkpoint_dir=N
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     runtime = time.perf_counter() - start
     memory, memory_source = peak_memory()
+    trainer.accelerator.wait_for_everyone()  # every rank has written its part of the last checkpoint
+    if not trainer.is_world_process_zero():
+        return None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".tmp-grpo-"))
@@ -249,7 +282,10 @@ def grpo(split_file, trace_sample, adapter, cfg: Grpo, out_dir, checkpoint_dir=N
             "model": student,
             "precision": dtype_name,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "generation": "vllm" if use_vllm(cfg) else "transformers",
+            "generation": f"vllm ({cfg.vllm_mode})" if use_vllm(cfg) else "transformers",
+            "processes": trainer.accelerator.num_processes,
+            "batch_per_process": trainer.args.per_device_train_batch_size,
+            "gradient_accumulation": trainer.args.gradient_accumulation_steps,
             "prompts": rows.height,
             "prompts_by_class": counts,
             "not_de_share": counts.get(CLASS_KEYS[NOT_DE], 0) / rows.height,
@@ -286,4 +322,14 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> None:
-    grpo(args.split_file, args.trace_sample, args.adapter, Grpo.from_cli(args.settings, args.run), args.out_dir, args.checkpoint_dir)
+    cfg = Grpo.from_cli(args.settings, args.run)
+    server = cfg.vllm_mode == "server" and use_vllm(cfg)
+    if server and launch.plan(cfg.processes).launcher != "worker":
+        # generation on the job's last GPU, training on the others
+        with launch.vllm_server(resolve_local_model(cfg.model.model), cfg.processes) as training_env:
+            if not launch.run_step(args.argv, cfg.processes - 1, training_env):
+                os.environ.update(training_env)  # one training process: this one
+                grpo(args.split_file, args.trace_sample, args.adapter, cfg, args.out_dir, args.checkpoint_dir)
+        return
+    if not launch.run_step(args.argv, cfg.processes):  # several processes: the workers ran the step
+        grpo(args.split_file, args.trace_sample, args.adapter, cfg, args.out_dir, args.checkpoint_dir)

@@ -20,6 +20,11 @@ system, user, assistant). Three things matter more than speed here:
   `checkpoints/` (a checkpoint of other data or settings is discarded with a warning).
   Outputs are staged in a hidden folder and moved into place at the end, the marker
   `train_metrics.json` last; the checkpoints are removed once the outputs are in place.
+* A job holding several processes (`processes`, from its resources) starts itself again
+  under torchrun or srun (`llm/launch.py`); the workers train data parallel (or FSDP,
+  `train.sharding`) with the per-process batch and accumulation that keep the settings'
+  effective batch (`llm.training.process_batches`); only rank 0 writes the outputs and the
+  logs, and it resumes from the same checkpoints. One process is the plain command.
 
 Outputs in `--out-dir`: `adapter/` (PEFT adapter + tokenizer with the training chat
 template), `train_log.csv`, `loss.png`, `train_metrics.json`.
@@ -49,8 +54,18 @@ from synthpert.core.arguments import add_settings_arguments
 from synthpert.core.io import write_csv
 from synthpert.core.settings import Train
 from synthpert.errors import CommandError
+from synthpert.llm import launch
 from synthpert.llm.model import resolve_local_model
-from synthpert.llm.training import fingerprint, move_into_place, peak_memory, precision, resume_point, trainer_arguments
+from synthpert.llm.training import (
+    distributed_arguments,
+    fingerprint,
+    move_into_place,
+    peak_memory,
+    precision,
+    process_batches,
+    resume_point,
+    trainer_arguments,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +183,9 @@ def to_dataset(conversations: list[list[dict]], template: ChatTemplate):
 # --------------------------------------------------------------------------- model and trainer
 
 
-def load_student(path: str, dtype, load_in_4bit: bool = False, revision: str | None = None):
-    """The base model, optionally quantised to 4 bit (QLoRA)."""
+def load_student(path: str, dtype, load_in_4bit: bool = False, revision: str | None = None, sharded: bool = False):
+    """The base model, optionally quantised to 4 bit (QLoRA; with FSDP its 4-bit weights are
+    stored in `dtype`, which FSDP can shard, and placed by FSDP rather than here)."""
     kwargs: dict[str, Any] = {"dtype": dtype, "revision": revision}
     if load_in_4bit:
         try:
@@ -178,9 +194,11 @@ def load_student(path: str, dtype, load_in_4bit: bool = False, revision: str | N
             raise CommandError("train.load_in_4bit needs bitsandbytes (pip install 'synthpert[gpu]')") from None
         compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float16
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
-        )
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
+            **({"bnb_4bit_quant_storage": dtype} if sharded else {}),
+        )  # fmt: skip
+        if not sharded:  # this process's GPU (LOCAL_RANK under a launcher)
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
@@ -206,21 +224,24 @@ def build_trainer(
     """The SFTTrainer of a training run; TRL tokenises and masks the rows here.
 
     `max_length` is not passed to TRL: rows were measured and filtered before, so TRL
-    must not truncate anything.
+    must not truncate anything. Under a launcher, the batch is split over the processes.
     """
     tokenizer.chat_template = template.text  # TRL renders with it; saved with the adapter
+    processes = launch.world_size()
+    batch, accumulation = process_batches(cfg.batch_size, cfg.gradient_accumulation_steps, processes, "train")
     args = SFTConfig(
         output_dir=str(checkpoint_dir),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
         max_length=None,
         assistant_only_loss=template.loss == ASSISTANT_ONLY,
         completion_only_loss=template.loss == COMPLETION_ONLY,
         **trainer_arguments(model, cfg.seed, cfg.logging_steps, cfg.save_steps),
+        **distributed_arguments(processes, cfg.sharding),
     )
     return SFTTrainer(
         model=model,
@@ -290,8 +311,9 @@ def write_log(history: list[dict], csv_path: Path, png_path: Path) -> list[dict]
 # --------------------------------------------------------------------------- the step
 
 
-def train(data, cfg: Train, out_dir, checkpoint_dir=None) -> dict[str, Any]:
-    """Fine-tune the student on one SFT table; returns the metrics written to train_metrics.json."""
+def train(data, cfg: Train, out_dir, checkpoint_dir=None) -> dict[str, Any] | None:
+    """Fine-tune the student on one SFT table; returns the metrics written to train_metrics.json
+    (None in a worker other than rank 0: it writes nothing)."""
     data, out_dir = Path(data), Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
     for name in ("max_length", "batch_size", "save_steps", "logging_steps", "lora_r"):
@@ -321,13 +343,19 @@ def train(data, cfg: Train, out_dir, checkpoint_dir=None) -> dict[str, Any]:
         "%d conversations (%d tokens) with %s; loss: %s", len(kept), kept_tokens, template.source, template.loss
     )
 
-    # What decides the weights: a checkpoint of other data or settings is never resumed
-    # (checkpoint and logging intervals are run settings and do not count).
-    identity = {**cfg.params(), "student": student, "dtype": dtype_name, "template": template.text}
-    resume = resume_point(checkpoint_dir, fingerprint(data, identity))
-    model = load_student(student, dtype, cfg.load_in_4bit, cfg.model.revision)
+    sharded = cfg.sharding != "none" and launch.world_size() > 1  # FSDP needs several processes
+    model = load_student(student, dtype, cfg.load_in_4bit, cfg.model.revision, sharded=sharded)
     counter = TokenCounter()
     trainer = build_trainer(model, tokenizer, kept, cfg, template, checkpoint_dir, [counter])
+    # What decides the weights: a checkpoint of other data or settings is never resumed
+    # (checkpoint and logging intervals and the process count are run settings and do not
+    # count; sharding does, since FSDP writes its checkpoints in its own layout). Rank 0
+    # cleans up first, the other processes then find the same checkpoint.
+    identity = {**cfg.params(), "student": student, "dtype": dtype_name, "template": template.text}
+    if sharded:
+        identity["sharding"] = cfg.sharding
+    with trainer.accelerator.main_process_first():
+        resume = resume_point(checkpoint_dir, fingerprint(data, identity))
     check_loss_covers_assistant(tokenizer, trainer.train_dataset[0], kept[0][-1]["content"])
     prepared = max(map(len, trainer.train_dataset["input_ids"]))
     if prepared > cfg.max_length:  # guards the promise that nothing is truncated or overlong
@@ -341,6 +369,9 @@ def train(data, cfg: Train, out_dir, checkpoint_dir=None) -> dict[str, Any]:
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     runtime = time.perf_counter() - start
     memory, memory_source = peak_memory()
+    trainer.accelerator.wait_for_everyone()  # every rank has written its part of the last checkpoint
+    if not trainer.is_world_process_zero():
+        return None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".tmp-train-"))
@@ -362,6 +393,9 @@ def train(data, cfg: Train, out_dir, checkpoint_dir=None) -> dict[str, Any]:
             "steps": trainer.state.global_step,
             "epochs": trainer.state.epoch,
             "resumed_from_step": int(resume.name.split("-")[-1]) if resume else None,
+            "processes": trainer.accelerator.num_processes,
+            "batch_per_process": trainer.args.per_device_train_batch_size,
+            "gradient_accumulation": trainer.args.gradient_accumulation_steps,
             "train_runtime_s": runtime,
             "session_tokens": counter.tokens,
             "tokens_per_second": counter.tokens / runtime if runtime > 0 else None,
@@ -395,4 +429,6 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> None:
-    train(args.data, Train.from_cli(args.settings, args.run), args.out_dir, args.checkpoint_dir)
+    cfg = Train.from_cli(args.settings, args.run)
+    if not launch.run_step(args.argv, cfg.processes):  # several processes: the workers ran the step
+        train(args.data, cfg, args.out_dir, args.checkpoint_dir)
