@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from synthpert.core import rows
-from synthpert.errors import CommandError
+from synthpert.errors import CommandError, ConfigError
 
 RUN = {"run": True}
 
