@@ -40,6 +40,11 @@ def model_of(name: str, config: dict) -> tuple[str, bool]:
     trained adapter (a fine-tuned row)."""
     if name in config["models"]:
         return name, False
+    if uses_evidence(name):
+        raise ConfigError(
+            f"model row {name!r} is asked with each question's evidence block, which ask and screen do not show; "
+            f"ask {plain_row(name)!r} (the same model without it)"
+        )
     if name in LLM_ROWS:
         return row_model_name(name, config), name in ADAPTER_ROWS
     raise ConfigError(
