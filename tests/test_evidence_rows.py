@@ -11,10 +11,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
+from helpers import demo_config
 
 from synthpert.core import paths, rows
 from synthpert.errors import ConfigError
 from synthpert.llm.requests import log_records
+from synthpert.steps.plan import evaluate_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
@@ -76,3 +78,20 @@ def test_evidence_rows_end_to_end(tmp_path, embedded_model):
     # A second run re-runs nothing: the evidence rows' jobs are as stable as the others.
     again = run(tmp_path, config, "--cores", "2", "-n", "results/table3.csv")
     assert "Nothing to be done" in again, again[-2000:]
+
+
+def test_the_plan_counts_the_evidence_rows_longer_prompts(tmp_path):
+    config = demo_config(**{"data.cells": ["k562", "rpe1"], "data.holdout": [], "evaluate.rows": ["base", "base_evidence"]})
+    questions = pl.DataFrame({"qid": ["k562:A:G", "rpe1:A:G"], "cell": ["k562", "rpe1"], "pert": ["A", "A"],
+                              "gene": ["G", "G"], "label": [0, 0]}, schema_overrides={"label": pl.Int8})  # fmt: skip
+    for path, frame in (
+        (paths.questions("default", tmp_path), questions),
+        (paths.evidence_table("default", tmp_path), questions.select("cell", "pert", "gene", text=pl.lit("BLOCK"))),
+    ):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.write_parquet(path)
+    jobs = {(job.row, job.log.parent.name): job for job in evaluate_jobs(config, tmp_path)}
+    assert len(jobs) == 4
+    for cell in ("k562", "rpe1"):
+        plain, shown = jobs["base", cell].requests, jobs["base_evidence", cell].requests
+        assert [r.messages[1][1] + "\n\nBLOCK" for r in plain] == [r.messages[1][1] for r in shown]
