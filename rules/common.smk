@@ -23,7 +23,11 @@ BASELINE_ROWS = [r for r in config["evaluate"]["rows"] if r not in rows.LLM_ROWS
 # LLM rows answered together by one vLLM engine per shard (rule predict_student), and
 # those answered one row per job (rule predict).
 ENGINE_ROWS = rows.engine_rows(config)
-SINGLE_ROWS = [r for r in LLM_ROWS if r not in ENGINE_ROWS]
+SINGLE_ROWS = [
+    r for r in LLM_ROWS if r not in ENGINE_ROWS and not rows.uses_evidence(r)
+]
+# Rows shown each question's evidence block (rule predict_evidence; off unless listed).
+EVIDENCE_ROWS = [r for r in LLM_ROWS if rows.uses_evidence(r)]
 # Table 4: the first held-out cell line (the paper holds out RPE1).
 HOLDOUT_TABLE_SPLIT = SPLITS[1] if len(SPLITS) > 1 else None
 # critic_select always writes both plain variants; the balanced one only when trained.
@@ -159,6 +163,12 @@ def row_adapter(wildcards):
     if wildcards.row in rows.ADAPTER_ROWS:
         return [str(paths.adapter_dir(wildcards.split, wildcards.row))]
     return []
+
+
+def adapter_option(wildcards, input):
+    """`--adapter PATH` for a fine-tuned row, nothing otherwise (derived from the input:
+    the adapter's files, not this text, decide when a job re-runs)."""
+    return f"--adapter {input.adapter}" if input.adapter else ""
 
 
 def engine_adapters(wildcards):

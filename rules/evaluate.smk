@@ -31,11 +31,34 @@ rule predict:
     params:
         settings=result_settings("predict"),
         run=run_settings("predict"),
-        adapter=lambda wildcards, input: (
-            f"--adapter {input.adapter}" if input.adapter else ""
-        ),
+        adapter=adapter_option,
     shell:
         PREDICT_SHELL.format(row="{wildcards.row}", adapters="{params.adapter}")
+
+
+rule predict_evidence:
+    input:
+        questions="results/eval/{split}/questions.parquet",
+        evidence="results/evidence/{split}.parquet",
+        model=row_model,
+        adapter=row_adapter,
+    output:
+        "results/predictions/{split}/{row}/{cell}/{shard}.parquet",
+    log:
+        "logs/predict/{split}/{row}/{cell}/{shard}.log",
+    wildcard_constraints:
+        row="|".join(EVIDENCE_ROWS) or "none",
+    conda:
+        "../envs/llm.yaml"
+    params:
+        settings=result_settings("predict"),
+        run=run_settings("predict"),
+        adapter=adapter_option,
+    shell:
+        "python -m synthpert predict --questions {input.questions} --evidence {input.evidence} "
+        "--row {wildcards.row} --cell {wildcards.cell} --shard {wildcards.shard} "
+        "--split {wildcards.split} {params.adapter} --settings {params.settings:q} "
+        "--run {params.run:q} --out {output} 2> {log}"
 
 
 if ENGINE_ROWS:

@@ -2,6 +2,11 @@ rule plan:
     input:
         samples=expand("results/traces/{split}/sample.parquet", split=SPLITS),
         questions=expand("results/eval/{split}/questions.parquet", split=SPLITS),
+        evidence=(
+            expand("results/evidence/{split}.parquet", split=SPLITS)
+            if EVIDENCE_ROWS
+            else []
+        ),
         models=plan_model_files(),
         logs=existing_request_logs,
     output:

@@ -24,7 +24,7 @@ from synthpert.core.config import complete, model_entry
 from synthpert.core.labels import CELLS, CLASS_NAMES, NOT_DE, UP, class_probabilities
 from synthpert.core.settings import Generation, Model
 from synthpert.errors import CommandError
-from synthpert.evaluation.answers import answer_records, build_requests
+from synthpert.evaluation.answers import answer_records, build_requests, question_request
 from synthpert.llm.requests import Response
 from synthpert.tools import ask, question, screen
 
@@ -282,3 +282,12 @@ def test_evaluate_requests_and_records_shared_with_ask():
     records = answer_records(rows, requests, answers)
     assert {r["status"] for r in records} == {"failed"} and {r["pred"] for r in records} == {None}
     assert all(r.get("score_de") is None and r.get("score_up") is None for r in records)  # a failure is never scored
+
+
+def test_show_prompt_prints_every_message_whole():
+    generation = Generation(max_new_tokens=4, temperature=0.0, top_p=1.0, reasoning_effort=None)
+    q = {"qid": "k562:P:G", "cell": "k562", "pert": "P", "gene": "G"}
+    text = ask.format_prompt(question_request(q, "de3", generation, local=True))
+    system, user = prompts.question_messages("k562", "P", "G")
+    assert text == f"prompt:\n[system]\n{system[1]}\n[user]\n{user[1]}\n[assistant, prefilled]\n<think>"
+    assert "prefilled" not in ask.format_prompt(question_request(q, "de3", generation, local=False))

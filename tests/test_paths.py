@@ -18,6 +18,8 @@ DECLARED = {
     "critic_grade": paths.graded_shard("{split}", "{cell}", "{shard}"),
     "questions": paths.questions("{split}"),
     "predict": paths.predictions("{split}", "{row}", "{cell}", "{shard}"),
+    "predict_evidence": paths.predictions("{split}", "{row}", "{cell}", "{shard}"),
+    "evidence_table": paths.evidence_table("{split}"),
     "baseline": paths.predictions("{split}", "{row}", "{cell}"),
     "train": paths.adapter_dir("{split}", "{variant}"),
     "grpo": paths.adapter_dir("{split}", "{rl_row}"),

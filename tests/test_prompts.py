@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
+import polars as pl
 import pytest
+from helpers import demo_config
 
 from synthpert.core.labels import CLASS_NAMES, DOWN, NOT_DE, UP
 from synthpert.core.prompts import (
@@ -20,6 +23,9 @@ from synthpert.core.prompts import (
     parse_reasoning,
     question_messages,
 )
+from synthpert.core.settings import Generation
+from synthpert.errors import CommandError
+from synthpert.evaluation.answers import question_request, with_evidence
 
 
 def test_question_messages_three_class_and_direction():
@@ -35,6 +41,43 @@ def test_question_messages_three_class_and_direction():
     assert direction.endswith(user)
     with pytest.raises(ValueError, match="task"):
         question_messages("hepg2", "TP53", "MDM2", task="de")
+
+
+# sha256 of both tasks' messages for one question, as the version before the evidence rows
+# wrote them: a prompt without evidence must stay byte-identical (every request key with it).
+PAPER_MESSAGES_SHA256 = "7efbdcf20ea72d9355d383eac6338e17baf5fc8b35c1c8c6e4643da5d178e8cd"
+EVIDENCE = (
+    "Evidence from the training data:\n"
+    "- MDM2 in HepG2: DE after 3 of 10 knockdowns (30.0%); 2 up, 1 down."
+)
+
+
+def test_question_messages_without_evidence_are_the_previous_bytes():
+    messages = [question_messages("hepg2", "TP53", "MDM2", task) for task in ("de3", "dir")]
+    assert hashlib.sha256(json.dumps(messages).encode()).hexdigest() == PAPER_MESSAGES_SHA256
+    assert [question_messages("hepg2", "TP53", "MDM2", t, evidence=None) for t in ("de3", "dir")] == messages
+
+
+@pytest.mark.parametrize("task", ["de3", "dir"])
+def test_evidence_follows_the_query_and_nothing_else_changes(task):
+    (_, system), (_, plain) = question_messages("hepg2", "TP53", "MDM2", task)
+    (_, shown_system), (_, shown) = question_messages("hepg2", "TP53", "MDM2", task, evidence=EVIDENCE)
+    assert shown_system == system == SYSTEM_PROMPT
+    assert shown == plain + "\n\n" + EVIDENCE
+
+
+def test_requests_carry_the_evidence_only_of_rows_that_have_it():
+    generation = Generation.of(demo_config()["evaluate"]["generation"])
+    rows = pl.DataFrame({"qid": ["hepg2:TP53:MDM2"], "cell": ["hepg2"], "pert": ["TP53"], "gene": ["MDM2"]})
+    table = pl.DataFrame({"cell": ["hepg2", "k562"], "pert": ["TP53", "TP53"], "gene": ["MDM2", "MDM2"],
+                          "text": [EVIDENCE, "another cell line's block"]})  # fmt: skip
+    (q,) = rows.iter_rows(named=True)
+    (shown,) = with_evidence(rows, table, "test").iter_rows(named=True)
+    plain, with_block = question_request(q, "de3", generation, True), question_request(shown, "de3", generation, True)
+    assert plain.messages == question_messages("hepg2", "TP53", "MDM2")
+    assert with_block.messages[1][1].endswith(EVIDENCE) and plain.key("m") != with_block.key("m")
+    with pytest.raises(CommandError, match="1 of 1 questions have no block"):
+        with_evidence(rows, table.filter(pl.col("cell") == "k562"), "test")
 
 
 def test_generator_explain_states_the_label_predict_does_not():

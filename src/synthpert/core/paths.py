@@ -34,6 +34,11 @@ def questions(split: str, results: str | Path = RESULTS) -> Path:
     return Path(results) / "eval" / split / "questions.parquet"
 
 
+def evidence_table(split: str, results: str | Path = RESULTS) -> Path:
+    """The evidence block of every question of a split (`synthpert evidence-table`)."""
+    return Path(results) / "evidence" / f"{split}.parquet"
+
+
 def predictions(split: str, row: str, cell: str, shard: int | None = None, results: str | Path = RESULTS) -> Path:
     """A row's answers for one test cell line: per shard for a model row, whole for a
     baseline (`shard` None)."""

@@ -155,14 +155,23 @@ def user_query(cell: str, pert: str, gene: str) -> str:
     return USER_QUERY.format(pert=pert, gene=gene, cell=display_cell(cell))
 
 
-def question_messages(cell: str, pert: str, gene: str, task: str = "de3") -> Messages:
-    """System + user messages of the evaluation and SFT prompt (C.1, or C.2 for `dir`)."""
+def with_evidence(query: str, evidence: str | None) -> str:
+    """A user query followed by the question's evidence block (beyond the paper,
+    docs/evidence.md); the query itself, unchanged, without one."""
+    return query if evidence is None else f"{query}\n\n{evidence}"
+
+
+def question_messages(cell: str, pert: str, gene: str, task: str = "de3", evidence: str | None = None) -> Messages:
+    """System + user messages of the evaluation and SFT prompt (C.1, or C.2 for `dir`).
+
+    `evidence`, the question's block from the evidence table, follows the query (the
+    evidence rows); without it the messages are the paper's, byte for byte."""
     _check("task", task, TASKS)
     if task == "de3":
         query = user_query(cell, pert, gene)
     else:
         query = DIRECTION_QUERY.format(pert=pert, gene=gene, cell=display_cell(cell))
-    return (("system", SYSTEM_PROMPT), ("user", query))
+    return (("system", SYSTEM_PROMPT), ("user", with_evidence(query, evidence)))
 
 
 def generator_messages(

@@ -10,14 +10,28 @@ TRAINED_ROWS = ("synthpert", "sft_data", "synthpert_balanced")  # the variants `
 # Variants `grpo` fits by reinforcement learning on the labels, and the SFT row each starts from.
 RL_ROWS = {"synthpert_grpo": "synthpert"}
 ADAPTER_ROWS = (*TRAINED_ROWS, *RL_ROWS)  # the rows answered with a fine-tuned adapter
-LLM_ROWS = ("base", *ADAPTER_ROWS, "teacher")
+# Beyond the paper (docs/evidence.md): rows asked the evaluation question with the question's
+# evidence block in the prompt, and the row whose model (and adapter, if any) each asks.
+EVIDENCE_ROWS = {"base_evidence": "base", "teacher_evidence": "teacher"}
+LLM_ROWS = ("base", *ADAPTER_ROWS, "teacher", *EVIDENCE_ROWS)
 ROWS = (*BASELINE_ROWS, *LLM_ROWS)
 
 
+def uses_evidence(row: str) -> bool:
+    """Whether a row's prompts hold the evidence block of each question."""
+    return row in EVIDENCE_ROWS
+
+
+def plain_row(row: str) -> str:
+    """The row whose model an evidence row asks without the evidence (itself for the others)."""
+    return EVIDENCE_ROWS.get(row, row)
+
+
 def row_model_name(row: str, config: dict) -> str:
-    """The `models:` entry an LLM row asks: the teacher row asks the trace model, every
-    other row (base and the fine-tuned ones) the student."""
-    return config["traces"]["model"] if row == "teacher" else config["train"]["model"]
+    """The `models:` entry an LLM row asks: the teacher rows ask the trace model, every
+    other row (base and the fine-tuned ones) the student; an evidence row asks the model
+    of its plain row."""
+    return config["traces"]["model"] if plain_row(row) == "teacher" else config["train"]["model"]
 
 
 def model_of(name: str, config: dict) -> tuple[str, bool]:
@@ -26,6 +40,11 @@ def model_of(name: str, config: dict) -> tuple[str, bool]:
     trained adapter (a fine-tuned row)."""
     if name in config["models"]:
         return name, False
+    if uses_evidence(name):
+        raise ConfigError(
+            f"model row {name!r} is asked with each question's evidence block, which ask and screen do not show; "
+            f"ask {plain_row(name)!r} (the same model without it)"
+        )
     if name in LLM_ROWS:
         return row_model_name(name, config), name in ADAPTER_ROWS
     raise ConfigError(
@@ -42,9 +61,13 @@ def sft_variants(config: dict) -> list[str]:
 def engine_rows(config: dict) -> list[str]:
     """The rows one vLLM engine answers together in each evaluation shard: the student's
     base and fine-tuned rows, when the student is served by `vllm` (its base weights are
-    loaded once per shard rather than once per row). Empty otherwise: one job per row."""
+    loaded once per shard rather than once per row). Empty otherwise: one job per row.
+    Evidence rows ask other prompts (and read the evidence table): one job each."""
     student = config["train"]["model"]
     if config["models"][student]["backend"] != "vllm":
         return []
-    together = [r for r in config["evaluate"]["rows"] if r in LLM_ROWS and row_model_name(r, config) == student]
+    together = [
+        r for r in config["evaluate"]["rows"]
+        if r in LLM_ROWS and not uses_evidence(r) and row_model_name(r, config) == student
+    ]  # fmt: skip
     return together if len(together) > 1 else []

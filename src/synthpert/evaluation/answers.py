@@ -17,17 +17,36 @@ def qid_expr() -> pl.Expr:
 
 
 def question_request(q: dict, task: str, generation: Generation, local: bool) -> Request:
-    """The request asking question `q` (qid, cell, pert, gene) as `task`, tagged `qid|task`.
+    """The request asking question `q` (qid, cell, pert, gene, and its evidence block
+    when it has an `evidence` value: `with_evidence`) as `task`, tagged `qid|task`.
 
     A local model starts its reasoning after a `<think>` prefill and its probabilities
     of the task's answer options are read afterwards."""
     return Request(
-        messages=prompts.question_messages(q["cell"], q["pert"], q["gene"], task),
+        messages=prompts.question_messages(q["cell"], q["pert"], q["gene"], task, q.get("evidence")),
         **generation.request_fields(),
         prefill="<think>\n" if local else "",
         options=prompts.answer_options(task) if local else (),
         tag=f"{q['qid']}|{task}",
     )
+
+
+def with_evidence(rows: pl.DataFrame, evidence: pl.DataFrame, what: str) -> pl.DataFrame:
+    """`rows` with column `evidence`: the `text` of each question's block in an evidence
+    table (`synthpert evidence-table`). Every question must have its block: a table built
+    for other questions (another split, another sample) stops here."""
+    key = ["cell", "pert", "gene"]  # evaluation.evidence.KEY (not imported: it loads scikit-learn)
+    table = evidence.select(*key, pl.col("text").alias("evidence")).unique(subset=key, keep="first")
+    joined = rows.with_row_index("_i").join(table, on=key, how="left").sort("_i").drop("_i")
+    missing = joined.filter(pl.col("evidence").is_null())
+    if missing.height:
+        first = missing.row(0, named=True)
+        raise CommandError(
+            f"{what}: {missing.height} of {rows.height} questions have no block in the evidence table "
+            f"(e.g. {first['cell']}:{first['pert']}:{first['gene']}); rebuild it from these questions "
+            "(rule evidence_table, synthpert evidence-table --questions)"
+        )
+    return joined
 
 
 def build_requests(rows: pl.DataFrame, generation: Generation, local: bool) -> list[Request]:

@@ -15,6 +15,7 @@ The critic's requests depend on the traces: until a shard's traces are written, 
 counts one request per sampled tuple (`count` says "at most") with the teacher's expected
 completion as the reasoning's length. A critic endpoint that rejects structured outputs
 is asked again in the tag format: those requests are not planned. Screens are not planned.
+An evidence row's requests hold each question's evidence block (the split's evidence table).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from synthpert.core.io import write_csv
 from synthpert.core.pricing import Price
 from synthpert.core.settings import Model, for_step
 from synthpert.errors import CommandError, ConfigError
-from synthpert.evaluation.answers import build_requests, question_shard
+from synthpert.evaluation.answers import build_requests, question_shard, with_evidence
 from synthpert.llm.model import possible_identities, resolve_local_model
 from synthpert.llm.requests import Request, answered_in, log_records
 from synthpert.llm.step_requests import (
@@ -128,14 +129,19 @@ def evaluate_jobs(config: dict, results: Path) -> list[Job]:
     jobs = []
     for split in splits.splits(config):
         questions = _read(paths.questions(split, results), "the questions")
+        evidence = None
         for row in config["evaluate"]["rows"]:
             if row not in table_rows.LLM_ROWS:
                 continue
+            if table_rows.uses_evidence(row) and evidence is None:
+                evidence = _read(paths.evidence_table(split, results), "the evidence table")
             settings = for_step(config, "predict", row=row)
             adapter = paths.adapter_dir(split, row, results) if row in table_rows.ADAPTER_ROWS else None
             for cell in splits.test_cells(config, split):
                 for shard in range(settings.shards):
                     asked = question_shard(questions, cell, shard, settings.shards)
+                    if table_rows.uses_evidence(row):  # the longer prompts of the evidence rows
+                        asked = with_evidence(asked, evidence, f"plan {row}")
                     requests = build_requests(asked, settings.generation, settings.model.local)
                     log_path = paths.request_log_path(paths.predictions(split, row, cell, shard, results))
                     jobs.append(Job("evaluate", table_rows.row_model_name(row, config), row, requests, log_path,

@@ -17,6 +17,8 @@ import textwrap
 from pathlib import Path
 
 from synthpert.core.labels import CLASS_NAMES, DOWN, NOT_DE, UP, display_cell
+from synthpert.evaluation.answers import question_request
+from synthpert.llm.requests import Request
 from synthpert.tools.question import Model, add_common_arguments, answer, question_rows, reasoning_text, resolve_genes, setup
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,17 @@ def format_answer(record: dict, role: str | None, model: Model, notes: list[str]
     return "\n".join(lines)
 
 
+def format_prompt(request: Request) -> str:
+    """What `ask --show-prompt` prints: every message of the request, whole, and the
+    start of the answer a local model is given (its `<think>` prefill)."""
+    lines = ["prompt:"]
+    for role, content in request.messages:
+        lines += [f"[{role}]", content]
+    if request.prefill:
+        lines += ["[assistant, prefilled]", request.prefill.rstrip("\n")]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -59,12 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache", type=Path, default=None, help="request log of past answers (default: RESULTS/ask/requests.jsonl)"
     )
+    parser.add_argument("--show-prompt", action="store_true", help="print the whole prompt the model is asked, then its answer")
 
 
 def main(args: argparse.Namespace) -> None:
     s = setup(args)
     (gene,) = resolve_genes([args.gene], s.table, s.cell, args.allow_unknown)
     rows = question_rows(s.table, s.cell, s.pert, [gene])
+    if args.show_prompt:
+        print(format_prompt(question_request(rows.row(0, named=True), "de3", s.generation, s.model.model.local)) + "\n")
     cache = args.cache or args.results / "ask" / "requests.jsonl"
     record = answer(rows, s.model, s.generation, cache, desc=f"ask {s.model.name}").row(0, named=True)
     print(format_answer(record, rows["role"][0], s.model, s.notes))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import polars as pl
 
+from synthpert.core import paths
 from synthpert.core.labels import display_cell
 from synthpert.core.settings import for_step
 from synthpert.errors import CommandError
@@ -66,7 +67,7 @@ def block(args: argparse.Namespace) -> dict:
     pert = known_name("perturbation", args.pert, splits["pert"].unique().sort().to_list(), f"perturbed in split {args.split}")
     gene = known_name("gene", args.gene, measured_genes(splits, cell), f"measured in {display_cell(cell)}")
     key = pl.DataFrame({"cell": [cell], "pert": [pert], "gene": [gene]})
-    table = args.table or args.results / "evidence" / f"{args.split}.parquet"
+    table = args.table or paths.evidence_table(args.split, args.results)
     if table.is_file():
         found = pl.read_parquet(table).join(key, on=list(KEY), how="semi")
         if found.height:
