@@ -47,7 +47,7 @@ lock-upgrade: $(VENV)/.installed-dev
 
 demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" snakemake --cores $(CORES) --rerun-incomplete
-	PATH="$(CURDIR)/$(BIN):$$PATH" snakemake --report $(CURDIR)/demo-evidence/results/report.html
+	PATH="$(CURDIR)/$(BIN):$$PATH" snakemake --report results/report.html
 
 # The evidence rows (docs/evidence.md) in their own folder, so the demo's tables stay the
 # paper's rows: it shares the demo's data and embedded model (links), and asks only for the
