@@ -92,9 +92,10 @@ def model_files(name):
     return files + ([spec["chat_template"]] if spec["chat_template"] else [])
 
 
-def trace_shards(wildcards):
-    return [
-        str(paths.graded_shard(wildcards.split, cell, shard))
+def graded_shards(evidence):
+    """The graded trace shards of a split (of the evidence traces with `evidence`)."""
+    return lambda wildcards: [
+        str(paths.graded_shard(wildcards.split, cell, shard, evidence=evidence))
         for cell in splits.train_cells(config, wildcards.split)
         for shard in range(config["traces"]["shards"])
     ]
@@ -137,8 +138,11 @@ def all_targets():
             f"results/plots/{split}/roc_de3.png",
             f"results/plots/{split}/roc_dir.png",
             f"results/plots/{split}/confusion.png",
-            f"results/plots/{split}/critic_grades.png",
         ]
+        if rows.plain_traces(config):
+            targets.append(f"results/plots/{split}/critic_grades.png")
+        if rows.evidence_traces(config):
+            targets.append(f"results/plots/{split}/critic_grades_evidence.png")
         targets += expand(
             "results/models/{split}/{variant}/loss.png",
             split=split,

@@ -7,6 +7,11 @@ rule plan:
             if EVIDENCE_ROWS
             else []
         ),
+        trace_evidence=(
+            expand("results/evidence/{split}.traces.parquet", split=SPLITS)
+            if rows.evidence_traces(config)
+            else []
+        ),
         models=plan_model_files(),
         logs=existing_request_logs,
     output:

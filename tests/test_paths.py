@@ -20,6 +20,9 @@ DECLARED = {
     "predict": paths.predictions("{split}", "{row}", "{cell}", "{shard}"),
     "predict_evidence": paths.predictions("{split}", "{row}", "{cell}", "{shard}"),
     "evidence_table": paths.evidence_table("{split}"),
+    "evidence_traces": paths.trace_evidence_table("{split}"),
+    "traces_evidence": paths.trace_shard("{split}", "{cell}", "{shard}", evidence=True),
+    "critic_grade_evidence": paths.graded_shard("{split}", "{cell}", "{shard}", evidence=True),
     "baseline": paths.predictions("{split}", "{row}", "{cell}"),
     "train": paths.adapter_dir("{split}", "{variant}"),
     "grpo": paths.adapter_dir("{split}", "{rl_row}"),
@@ -56,3 +59,11 @@ def test_request_logs_are_the_logs_of_the_configured_jobs():
     assert not any("/majority/" in log for log in logs)  # a baseline asks no model
     model_rows = [r for r in config["evaluate"]["rows"] if r in rows.LLM_ROWS]
     assert model_rows and all(any(f"/{row}/" in log for log in logs) for row in model_rows)
+    assert not any("/evidence/" in log for log in logs)
+    trained = {str(p) for p in paths.request_logs(demo_config(**{"train.variants": ["synthpert", "sft_data", "synthpert_evidence"]}))}
+    assert trained - logs == {
+        f"results/traces/{split}/evidence/{cell}/0.{kind}requests.jsonl"
+        for split, cells in (("default", ["k562", "rpe1", "hepg2", "jurkat"]), ("rpe1_holdout", ["k562", "hepg2", "jurkat"]))
+        for cell in cells
+        for kind in ("", "graded.")
+    }

@@ -20,14 +20,19 @@ def trace_sample(split: str, results: str | Path = RESULTS) -> Path:
     return Path(results) / "traces" / split / "sample.parquet"
 
 
-def trace_shard(split: str, cell: str, shard: int, results: str | Path = RESULTS) -> Path:
-    """The teacher's traces of one shard of one training cell line."""
-    return Path(results) / "traces" / split / cell / f"{shard}.parquet"
+def _traces(split: str, cell: str, evidence: bool, results: str | Path) -> Path:
+    return Path(results) / "traces" / split / ("evidence" if evidence else "") / cell
 
 
-def graded_shard(split: str, cell: str, shard: int, results: str | Path = RESULTS) -> Path:
+def trace_shard(split: str, cell: str, shard: int, results: str | Path = RESULTS, evidence: bool = False) -> Path:
+    """The teacher's traces of one shard of one training cell line (written with each
+    tuple's evidence block under `evidence/`)."""
+    return _traces(split, cell, evidence, results) / f"{shard}.parquet"
+
+
+def graded_shard(split: str, cell: str, shard: int, results: str | Path = RESULTS, evidence: bool = False) -> Path:
     """The critic's grades of one shard's traces."""
-    return Path(results) / "traces" / split / cell / f"{shard}.graded.parquet"
+    return _traces(split, cell, evidence, results) / f"{shard}.graded.parquet"
 
 
 def questions(split: str, results: str | Path = RESULTS) -> Path:
@@ -37,6 +42,11 @@ def questions(split: str, results: str | Path = RESULTS) -> Path:
 def evidence_table(split: str, results: str | Path = RESULTS) -> Path:
     """The evidence block of every question of a split (`synthpert evidence-table`)."""
     return Path(results) / "evidence" / f"{split}.parquet"
+
+
+def trace_evidence_table(split: str, results: str | Path = RESULTS) -> Path:
+    """The evidence block of every tuple of a split's trace sample (the evidence traces)."""
+    return Path(results) / "evidence" / f"{split}.traces.parquet"
 
 
 def predictions(split: str, row: str, cell: str, shard: int | None = None, results: str | Path = RESULTS) -> Path:
@@ -71,11 +81,13 @@ def request_logs(config: dict, results: str | Path = RESULTS) -> list[Path]:
     """Every request log the configured traces, critic and model-row jobs write, whether
     it exists yet or not."""
     logs = []
+    kinds = [False, True] if rows.evidence_traces(config) else [False]
     for split in splits.splits(config):
-        for cell in splits.train_cells(config, split):
-            for shard in range(config["traces"]["shards"]):
-                logs.append(request_log_path(trace_shard(split, cell, shard, results)))
-                logs.append(request_log_path(graded_shard(split, cell, shard, results)))
+        for evidence in kinds:
+            for cell in splits.train_cells(config, split):
+                for shard in range(config["traces"]["shards"]):
+                    logs.append(request_log_path(trace_shard(split, cell, shard, results, evidence)))
+                    logs.append(request_log_path(graded_shard(split, cell, shard, results, evidence)))
         for row in config["evaluate"]["rows"]:
             if row in rows.LLM_ROWS:
                 for cell in splits.test_cells(config, split):

@@ -175,9 +175,10 @@ def question_messages(cell: str, pert: str, gene: str, task: str = "de3", eviden
 
 
 def generator_messages(
-    cell: str, pert: str, gene: str, label: int | None = None, approach: str = "explain"
+    cell: str, pert: str, gene: str, label: int | None = None, approach: str = "explain", evidence: str | None = None
 ) -> Messages:
-    """Teacher prompt: `explain` states the true label (paper approach 2), `predict` does not."""
+    """Teacher prompt: `explain` states the true label (paper approach 2), `predict` does not.
+    `evidence` (the `synthpert_evidence` traces) follows the query, as in the student's prompt."""
     _check("approach", approach, APPROACHES)
     if approach == "explain":
         if label not in CLASS_NAMES:
@@ -185,18 +186,22 @@ def generator_messages(
         system = GENERATOR_EXPLAIN_SYSTEM.format(pert=pert, gene=gene, label=CLASS_NAMES[label])
     else:
         system = GENERATOR_PREDICT_SYSTEM
-    return (("system", system), ("user", user_query(cell, pert, gene)))
+    return (("system", system), ("user", with_evidence(user_query(cell, pert, gene), evidence)))
 
 
-def critic_messages(cell: str, pert: str, gene: str, reasoning: str, output: str = "tags") -> Messages:
+def critic_messages(
+    cell: str, pert: str, gene: str, reasoning: str, output: str = "tags", evidence: str | None = None
+) -> Messages:
     """Critic prompt: the question and the reasoning only, never the answer.
 
     `output="tags"` is the paper's `<evaluation>` format; `"json"` pairs with
-    `CRITIC_RESPONSE_FORMAT` on endpoints that support structured outputs.
+    `CRITIC_RESPONSE_FORMAT` on endpoints that support structured outputs. The query holds
+    the evidence block the teacher was shown, if any, so the critic judges how it was read.
     """
     _check("output", output, ("tags", "json"))
     system, user = (CRITIC_SYSTEM, CRITIC_USER) if output == "tags" else (CRITIC_SYSTEM_JSON, CRITIC_USER_JSON)
-    return (("system", system), ("user", user.format(query=user_query(cell, pert, gene), reasoning=reasoning)))
+    query = with_evidence(user_query(cell, pert, gene), evidence)
+    return (("system", system), ("user", user.format(query=query, reasoning=reasoning)))
 
 
 def assistant_target(reasoning: str, label: int) -> str:

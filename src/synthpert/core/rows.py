@@ -6,13 +6,21 @@ from __future__ import annotations
 from synthpert.errors import ConfigError
 
 BASELINE_ROWS = ("majority", "transfer", "gene_prior", "knn")  # computed without a language model
-TRAINED_ROWS = ("synthpert", "sft_data", "synthpert_balanced")  # the variants `train` can fit
+# The variants `train` can fit; `synthpert_evidence` learns from traces written with each
+# tuple's evidence block, and is asked with it (docs/evidence.md).
+TRAINED_ROWS = ("synthpert", "sft_data", "synthpert_balanced", "synthpert_evidence")
 # Variants `grpo` fits by reinforcement learning on the labels, and the SFT row each starts from.
-RL_ROWS = {"synthpert_grpo": "synthpert"}
+RL_ROWS = {"synthpert_grpo": "synthpert", "synthpert_grpo_evidence": "synthpert_evidence"}
 ADAPTER_ROWS = (*TRAINED_ROWS, *RL_ROWS)  # the rows answered with a fine-tuned adapter
-# Beyond the paper (docs/evidence.md): rows asked the evaluation question with the question's
-# evidence block in the prompt, and the row whose model (and adapter, if any) each asks.
-EVIDENCE_ROWS = {"base_evidence": "base", "teacher_evidence": "teacher"}
+# Beyond the paper (docs/evidence.md): rows asked (and, if trained, trained) with each
+# question's evidence block in the prompt, and the plain row whose model each asks. A
+# trained evidence row answers with its own adapter.
+EVIDENCE_ROWS = {
+    "base_evidence": "base",
+    "teacher_evidence": "teacher",
+    "synthpert_evidence": "synthpert",
+    "synthpert_grpo_evidence": "synthpert_grpo",
+}
 LLM_ROWS = ("base", *ADAPTER_ROWS, "teacher", *EVIDENCE_ROWS)
 ROWS = (*BASELINE_ROWS, *LLM_ROWS)
 
@@ -42,8 +50,8 @@ def model_of(name: str, config: dict) -> tuple[str, bool]:
         return name, False
     if uses_evidence(name):
         raise ConfigError(
-            f"model row {name!r} is asked with each question's evidence block, which ask and screen do not show; "
-            f"ask {plain_row(name)!r} (the same model without it)"
+            f"model row {name!r} is asked with each question's evidence block, which ask and screen do not show "
+            f"(they ask the paper's question); ask a plain row such as {plain_row(name)!r}"
         )
     if name in LLM_ROWS:
         return row_model_name(name, config), name in ADAPTER_ROWS
@@ -53,9 +61,23 @@ def model_of(name: str, config: dict) -> tuple[str, bool]:
 
 
 def sft_variants(config: dict) -> list[str]:
-    """The SFT tables `critic select` writes: the plain variants always, the balanced one
-    when it is trained."""
-    return [v for v in TRAINED_ROWS if v != "synthpert_balanced" or v in config["train"]["variants"]]
+    """The SFT tables `critic select` writes from the plain traces: the plain variants
+    always, the balanced one when it is trained."""
+    return [
+        v for v in TRAINED_ROWS
+        if not uses_evidence(v) and (v != "synthpert_balanced" or v in config["train"]["variants"])
+    ]  # fmt: skip
+
+
+def plain_traces(config: dict) -> bool:
+    """Whether the teacher writes the paper's traces: when a plain variant is trained."""
+    return any(not uses_evidence(v) for v in config["train"]["variants"])
+
+
+def evidence_traces(config: dict) -> bool:
+    """Whether the teacher also writes traces with each tuple's evidence block: when an
+    evidence variant (`synthpert_evidence`) is trained."""
+    return any(uses_evidence(v) for v in config["train"]["variants"])
 
 
 def engine_rows(config: dict) -> list[str]:

@@ -298,8 +298,9 @@ class CriticSelect(Settings):
     balanced: bool
 
     @classmethod
-    def from_config(cls, config: dict, **_) -> CriticSelect:
-        balanced = "synthpert_balanced" in rows.sft_variants(config)
+    def from_config(cls, config: dict, evidence: bool = False, **_) -> CriticSelect:
+        """`evidence`: the selection of the evidence traces, which has no balanced variant."""
+        balanced = not evidence and "synthpert_balanced" in rows.sft_variants(config)
         return cls(tuple(config["critic"]["keep_grades"]), config["traces"]["sample"]["seed"], balanced)
 
 
@@ -357,10 +358,20 @@ class Grpo(Settings):
     processes: int = run_field(default=1)  # the job's (job_processes), not a config key
 
     @classmethod
-    def from_config(cls, config: dict, resources: dict | None = None, **_) -> Grpo:
+    def from_config(cls, config: dict, resources: dict | None = None, rl_row: str | None = None, **_) -> Grpo:
+        """The settings of the GRPO row `rl_row`: an evidence row's (GrpoEvidence) add the
+        evidence settings its prompts are built with."""
         rl = dict(config["rl"])
         model, sample = _model(config, config["train"]["model"]), Sample.of(rl.pop("sample"))
-        return cls(model=model, sample=sample, processes=job_processes(resources), **rl)
+        fields = dict(model=model, sample=sample, processes=job_processes(resources), **rl)
+        if rl_row is not None and rows.uses_evidence(rl_row):
+            return GrpoEvidence(**fields, evidence=Evidence.from_config(config))
+        return cls(**fields)
+
+    @classmethod
+    def from_cli(cls, params: dict, run: dict | None = None) -> Grpo:
+        kind = GrpoEvidence if "evidence" in params else Grpo
+        return _build(kind, _merge(params, run or {}))
 
 
 @dataclass(frozen=True)
@@ -419,6 +430,15 @@ class Evidence(Settings):
         evidence = config["evidence"]
         k = evidence["k"] if evidence["k"] is not None else config["evaluate"]["knn_k"]
         return cls(evidence["gene"], evidence["pair"], evidence["neighbours"], k, evidence["max_listed"])
+
+
+@dataclass(frozen=True)
+class GrpoEvidence(Grpo):
+    """GRPO of an evidence row (`synthpert_grpo_evidence`): each prompt holds its tuple's
+    evidence block, built from the split with these settings. A separate class, so that the
+    plain row's settings (and its finished jobs) are unchanged."""
+
+    evidence: Evidence = None  # always given; a default only because Grpo's run fields have them
 
 
 @dataclass(frozen=True)

@@ -40,15 +40,18 @@ def trace_shard(sample: pl.DataFrame, cell: str, shard: int, shards: int) -> pl.
 
 
 def generator_requests(rows: pl.DataFrame, settings: Traces) -> list[Request]:
-    """One teacher request per tuple. A local model starts inside `<think>` and its answer
-    is the likeliest of the three labels, so it always yields one."""
+    """One teacher request per tuple (with its evidence block where `rows` has an `evidence`
+    column). A local model starts inside `<think>` and its answer is the likeliest of the
+    three labels, so it always yields one."""
     if settings.approach not in APPROACHES:
         raise CommandError(f"traces.approach must be one of {APPROACHES}, got {settings.approach!r}")
     local = settings.model.local
     extra = {"prefill": "<think>\n", "options": answer_options(), "option_tag": "answer"} if local else {}
     return [
         Request(
-            messages=generator_messages(row["cell"], row["pert"], row["gene"], row["label"], settings.approach),
+            messages=generator_messages(
+                row["cell"], row["pert"], row["gene"], row["label"], settings.approach, row.get("evidence")
+            ),
             tag=row["tid"],
             **settings.generation.request_fields(),
             **extra,
@@ -66,7 +69,7 @@ def critic_mode(settings: CriticGrade) -> str:
 
 
 def critic_requests(rows: pl.DataFrame, settings: CriticGrade, mode: str) -> list[Request]:
-    """One critic request per trace. mode: `json` (structured outputs), `tags` (the
+    """One critic request per trace (with the block the teacher saw, if any). mode: `json` (structured outputs), `tags` (the
     paper's `<evaluation>` format) or `options` (local: score the five grades only)."""
     params = settings.generation.request_fields()
     if mode == "options":
@@ -76,7 +79,7 @@ def critic_requests(rows: pl.DataFrame, settings: CriticGrade, mode: str) -> lis
     output = "json" if mode == "json" else "tags"
     return [
         Request(
-            messages=critic_messages(row["cell"], row["pert"], row["gene"], row["reasoning"], output),
+            messages=critic_messages(row["cell"], row["pert"], row["gene"], row["reasoning"], output, row.get("evidence")),
             tag=row["tid"],
             **params,
         )

@@ -11,7 +11,10 @@ grades after `<evaluation>`, so it is never unparseable.
 grade is in `critic.keep_grades` and the teacher answered the true label (an answer
 of "I do not know", an unparsed one or a cut-off one is never kept). It writes the
 training sets of the `synthpert`, `sft_data` (the same tuples, answer alone) and
-optionally `synthpert_balanced` variants, and the statistics of the filter.
+optionally `synthpert_balanced` variants, and the statistics of the filter. With
+`--evidence` it pools the traces written with evidence blocks instead, and writes the
+`synthpert_evidence` set (each prompt holds the block the teacher was shown) and its own
+statistics (`critic_stats_evidence.csv`, `grades_evidence.csv`).
 """
 
 from __future__ import annotations
@@ -142,13 +145,15 @@ def kept_expr(keep_grades: list[str]) -> pl.Expr:
 
 
 def sft_table(kept: pl.DataFrame, with_reasoning: bool) -> pl.DataFrame:
-    """Conversational SFT rows: the evaluation prompt, then the assistant's target."""
+    """Conversational SFT rows: the evaluation prompt (with the trace's evidence block, if
+    it has one), then the assistant's target."""
     rows = []
     for row in kept.sort("tid").iter_rows(named=True):
         target = (
             assistant_target(row["reasoning"], row["label"]) if with_reasoning else answer_only_target(row["label"])
         )
-        messages = [*question_messages(row["cell"], row["pert"], row["gene"]), ("assistant", target)]
+        question = question_messages(row["cell"], row["pert"], row["gene"], evidence=row.get("evidence"))
+        messages = [*question, ("assistant", target)]
         rows.append(
             {
                 **{c: row[c] for c in ["tid", "cell", "pert", "gene", "label", "grade"]},
@@ -245,8 +250,25 @@ def read_graded(paths: list[Path]) -> pl.DataFrame:
     return graded
 
 
-def select(graded: pl.DataFrame, split: str, settings: CriticSelect, out_dir: Path) -> pl.DataFrame:
-    """Write the SFT sets and the statistics of one split; return the kept traces."""
+def shown_evidence(graded: pl.DataFrame, evidence: bool) -> None:
+    """The traces were written with evidence blocks exactly when `--evidence` says so: every
+    one of them, or none."""
+    shown = graded["evidence"].is_not_null().sum() if "evidence" in graded.columns else 0
+    if evidence and shown < graded.height:
+        raise CommandError(
+            f"--evidence: {graded.height - shown} of {graded.height} traces were written without an evidence block; "
+            "pass the shards of the evidence traces (results/traces/SPLIT/evidence/...)"
+        )
+    if not evidence and shown:
+        raise CommandError(
+            f"{shown} of {graded.height} traces were written with an evidence block: select them with --evidence"
+        )
+
+
+def select(graded: pl.DataFrame, split: str, settings: CriticSelect, out_dir: Path, evidence: bool = False) -> pl.DataFrame:
+    """Write the SFT sets and the statistics of one split (of the evidence traces with
+    `evidence`); return the kept traces."""
+    shown_evidence(graded, evidence)
     keep_grades = list(settings.keep_grades)
     kept_mask = graded.select(kept_expr(keep_grades).alias("kept"))["kept"]
     kept = graded.filter(kept_mask)
@@ -257,17 +279,21 @@ def select(graded: pl.DataFrame, split: str, settings: CriticSelect, out_dir: Pa
             f"split {split!r}: no trace is kept (keep_grades {keep_grades}, status answered, answer == label) "
             f"out of {graded.height}; grades and statuses:\n{counts}"
         )
-    outputs = {
-        "synthpert.parquet": sft_table(kept, with_reasoning=True),
-        "sft_data.parquet": sft_table(kept, with_reasoning=False),
-    }
-    if settings.balanced:
-        outputs["synthpert_balanced.parquet"] = sft_table(balanced_kept(kept, settings.seed), with_reasoning=True)
+    if evidence:
+        outputs = {"synthpert_evidence.parquet": sft_table(kept, with_reasoning=True)}
+    else:
+        outputs = {
+            "synthpert.parquet": sft_table(kept, with_reasoning=True),
+            "sft_data.parquet": sft_table(kept, with_reasoning=False),
+        }
+        if settings.balanced:
+            outputs["synthpert_balanced.parquet"] = sft_table(balanced_kept(kept, settings.seed), with_reasoning=True)
     stats = critic_stats(graded, kept_mask)
+    suffix = "_evidence" if evidence else ""
     for name, df in outputs.items():
         write_parquet(df, out_dir / name)
-    write_csv(stats, out_dir / "critic_stats.csv")
-    write_csv(grade_counts(graded, kept_mask), out_dir / "grades.csv")
+    write_csv(stats, out_dir / f"critic_stats{suffix}.csv")
+    write_csv(grade_counts(graded, kept_mask), out_dir / f"grades{suffix}.csv")
     log.info("split %s: %d of %d traces kept\n%s", split, kept.height, graded.height, stats)
     return kept
 
@@ -285,12 +311,15 @@ def add_arguments(parser) -> None:
     choose.add_argument("--grades", required=True, nargs="+", type=Path, help="graded shards of one split")
     choose.add_argument("--split", required=True, help="split name (for messages)")
     add_settings_arguments(choose, "critic_select")
+    choose.add_argument("--evidence", action="store_true",
+                        help="the traces were written with evidence blocks: write the synthpert_evidence set")
     choose.add_argument("--out-dir", required=True, type=Path, help="output folder")
 
 
 def main(args) -> None:
     if args.action == "select":
-        select(read_graded(args.grades), args.split, CriticSelect.from_cli(args.settings, args.run), args.out_dir)
+        settings = CriticSelect.from_cli(args.settings, args.run)
+        select(read_graded(args.grades), args.split, settings, args.out_dir, args.evidence)
         return
     settings = CriticGrade.from_cli(args.settings, args.run)
     if not args.out.name.endswith(".parquet"):

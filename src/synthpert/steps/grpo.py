@@ -6,6 +6,8 @@ rewarded by the evaluation's parser against the PerturbQA label (`evaluation/rew
   by class by default, so "not DE", 86% of tuples, cannot win the reward), asked exactly as
   the evaluation asks a local model: the C.1 question rendered by the student's chat template,
   then the `<think>` prefill. The token ids TRL will see are checked against the evaluation's.
+  An evidence row (`synthpert_grpo_evidence`, from `synthpert_evidence`) adds each tuple's
+  evidence block, built here from the split's training rows as `synthpert evidence-table` builds it.
 * Advantages are the reward minus its group mean, unscaled (`scale_rewards="none"`): on a
   balanced batch, an answer given whatever the question gains nothing.
 * Generation runs through vLLM (TRL's `use_vllm`) when the student's backend is `vllm` and a
@@ -43,9 +45,11 @@ from synthpert.core.figures import save_figure
 from synthpert.core.io import write_csv
 from synthpert.core.labels import CLASS_KEYS, NOT_DE
 from synthpert.core.sampling import balanced, sample_size
-from synthpert.core.settings import Generation, Grpo, Sample
+from synthpert.core.settings import Generation, Grpo, GrpoEvidence, Sample
 from synthpert.errors import CommandError
-from synthpert.evaluation.answers import qid_expr, question_request
+from synthpert.evaluation.answers import qid_expr, question_request, with_evidence
+from synthpert.evaluation.baselines import load_splits
+from synthpert.evaluation.evidence import KEY, build
 from synthpert.evaluation.rewards import TASK, CompletionRewards
 from synthpert.llm import launch
 from synthpert.llm.model import check_adapter, load_tokenizer, resolve_local_model
@@ -233,6 +237,9 @@ def grpo(split_file, trace_sample, adapter, cfg: Grpo, out_dir, checkpoint_dir=N
             raise CommandError(f"{path} does not exist")
     dtype, dtype_name = precision(cfg.model.dtype)
     rows = draw_prompts(pl.read_parquet(split_file), pl.read_parquet(trace_sample), cfg.sample)
+    if isinstance(cfg, GrpoEvidence):  # an evidence row: each prompt holds its tuple's block
+        blocks = build(load_splits(split_file), rows.select(KEY), cfg.evidence)
+        rows = with_evidence(rows, blocks, "grpo")
     counts = {CLASS_KEYS[c]: n for c, n in sorted(rows.group_by("label").len().iter_rows())}
     log.info("%d GRPO prompts by class: %s", rows.height, counts)
     if not cfg.sample.balanced:

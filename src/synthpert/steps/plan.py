@@ -15,7 +15,9 @@ The critic's requests depend on the traces: until a shard's traces are written, 
 counts one request per sampled tuple (`count` says "at most") with the teacher's expected
 completion as the reasoning's length. A critic endpoint that rejects structured outputs
 is asked again in the tag format: those requests are not planned. Screens are not planned.
-An evidence row's requests hold each question's evidence block (the split's evidence table).
+An evidence row's requests hold each question's evidence block (the split's evidence table),
+and so do the evidence traces' and their critic's (row `with evidence`: the trace sample's
+evidence table), when `synthpert_evidence` is trained.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from synthpert.llm.tokens import TokenCounter, estimate, local_counter, openai_c
 log = logging.getLogger(__name__)
 
 STEPS = ("traces", "critic", "evaluate")
+EVIDENCE_TRACES = "with evidence"  # the `row` of the traces and critic lines of the evidence traces
 
 
 @dataclass
@@ -58,7 +61,7 @@ class Job:
 
     step: str
     model: str  # the models: name
-    row: str  # the evaluation row ("" for traces and critic)
+    row: str  # the evaluation row ("" for traces and critic; EVIDENCE_TRACES for the evidence traces)
     requests: list[Request]
     log: Path
     exact: bool = True  # False: at most this many (the critic before its traces exist)
@@ -90,37 +93,49 @@ def _read(path: Path, what: str) -> pl.DataFrame:
     return pl.read_parquet(path)
 
 
-def trace_jobs(config: dict, results: Path) -> list[Job]:
+def trace_sample(split: str, results: Path, evidence: bool) -> pl.DataFrame:
+    """The split's trace sample, with each tuple's evidence block for the evidence traces."""
+    sample = _read(paths.trace_sample(split, results), "the trace sample")
+    if not evidence:
+        return sample
+    blocks = _read(paths.trace_evidence_table(split, results), "the trace sample's evidence table")
+    return with_evidence(sample, blocks, "plan traces")
+
+
+def trace_jobs(config: dict, results: Path, evidence: bool) -> list[Job]:
+    """The teacher's requests (of the evidence traces with `evidence`)."""
     settings = for_step(config, "traces")
+    row = EVIDENCE_TRACES if evidence else ""
     jobs = []
     for split in splits.splits(config):
-        sample = _read(paths.trace_sample(split, results), "the trace sample")
+        sample = trace_sample(split, results, evidence)
         for cell in splits.train_cells(config, split):
             for shard in range(settings.shards):
-                log_path = paths.request_log_path(paths.trace_shard(split, cell, shard, results))
+                log_path = paths.request_log_path(paths.trace_shard(split, cell, shard, results, evidence))
                 rows = trace_shard(sample, cell, shard, settings.shards)
-                jobs.append(Job("traces", config["traces"]["model"], "", generator_requests(rows, settings), log_path))
+                jobs.append(Job("traces", config["traces"]["model"], row, generator_requests(rows, settings), log_path))
     return jobs
 
 
-def critic_jobs(config: dict, results: Path, reasoning_tokens: float) -> list[Job]:
+def critic_jobs(config: dict, results: Path, reasoning_tokens: float, evidence: bool) -> list[Job]:
     """Exact where the shard's traces exist, else one request per sampled tuple, at most."""
     settings = for_step(config, "critic_grade")
     mode = critic_mode(settings)
+    row = EVIDENCE_TRACES if evidence else ""
     jobs = []
     for split in splits.splits(config):
-        sample = _read(paths.trace_sample(split, results), "the trace sample")
+        sample = trace_sample(split, results, evidence)
         for cell in splits.train_cells(config, split):
             for shard in range(config["traces"]["shards"]):
-                traces = paths.trace_shard(split, cell, shard, results)
-                graded_log = paths.request_log_path(paths.graded_shard(split, cell, shard, results))
+                traces = paths.trace_shard(split, cell, shard, results, evidence)
+                graded_log = paths.request_log_path(paths.graded_shard(split, cell, shard, results, evidence))
                 if traces.is_file():
                     todo = pl.read_parquet(traces).filter(pl.col("reasoning").is_not_null())
-                    jobs.append(Job("critic", config["critic"]["model"], "", critic_requests(todo, settings, mode), graded_log))
+                    jobs.append(Job("critic", config["critic"]["model"], row, critic_requests(todo, settings, mode), graded_log))
                     continue
                 rows = trace_shard(sample, cell, shard, config["traces"]["shards"])
                 placeholders = critic_requests(rows.with_columns(reasoning=pl.lit("")), settings, mode)
-                jobs.append(Job("critic", config["critic"]["model"], "", placeholders, graded_log, exact=False,
+                jobs.append(Job("critic", config["critic"]["model"], row, placeholders, graded_log, exact=False,
                                 extra_prompt_tokens=round(reasoning_tokens)))  # fmt: skip
     return jobs
 
@@ -275,12 +290,13 @@ def build_plan(config: dict, results: Path) -> pl.DataFrame:
         return views[name]
 
     records = []
-    traces = trace_jobs(config, results)
-    teacher = config["traces"]["model"]
-    records.append(plan_row("traces", teacher, "", traces, view_of(teacher), config["traces"]["budget_usd"]))
-    critic = config["critic"]["model"]
-    jobs = critic_jobs(config, results, records[0]["completion_tokens_per_request"])
-    records.append(plan_row("critic", critic, "", jobs, view_of(critic), config["critic"]["budget_usd"]))
+    teacher, critic = config["traces"]["model"], config["critic"]["model"]
+    for evidence in [False, True] if table_rows.evidence_traces(config) else [False]:
+        row = EVIDENCE_TRACES if evidence else ""
+        traces = plan_row("traces", teacher, row, trace_jobs(config, results, evidence), view_of(teacher),
+                          config["traces"]["budget_usd"])  # fmt: skip
+        jobs = critic_jobs(config, results, traces["completion_tokens_per_request"], evidence)
+        records += [traces, plan_row("critic", critic, row, jobs, view_of(critic), config["critic"]["budget_usd"])]
     evaluate = evaluate_jobs(config, results)
     for row in dict.fromkeys(job.row for job in evaluate):
         name = table_rows.row_model_name(row, config)

@@ -5,6 +5,10 @@ paper's 15 % with seed 88) and deals them into shards per cell line; `synthpert 
 run` asks the teacher about one (cell line, shard). The draw does not depend on the
 number of shards, so changing `traces.shards` re-deals the same tuples.
 
+With `--evidence` (the `synthpert_evidence` variant, docs/evidence.md) the teacher is
+shown each tuple's evidence block after the query; the block is kept in the trace's
+`evidence` column, so the critic and the SFT set use the very text the teacher saw.
+
 Every answer is kept in an append-only request log beside the output (not a Snakemake
 output, so it survives a failed job): a rerun sends only what the log lacks, and a run
 stopped by the spending guard resumes where it stopped.
@@ -25,6 +29,7 @@ from synthpert.core.prompts import parse_answer, parse_reasoning
 from synthpert.core.sampling import balanced, sample_size
 from synthpert.core.settings import Sample, Traces, TraceSample
 from synthpert.errors import CommandError
+from synthpert.evaluation.answers import with_evidence
 from synthpert.llm.backends import make_backend
 from synthpert.llm.budget import spending_guard
 from synthpert.core.paths import request_log_path
@@ -49,6 +54,7 @@ TRACE_SCHEMA = {
     "correct": pl.Boolean,
     **{f"prob_{CLASS_KEYS[c]}": pl.Float64 for c in sorted(CLASS_KEYS)},
     "raw_text": pl.String,
+    "evidence": pl.String,  # the block the teacher was shown (null: the paper's prompt)
 }
 
 
@@ -144,13 +150,17 @@ def trace_record(row: dict, response) -> dict:
         "correct": answer == row["label"],
         **{f"prob_{CLASS_KEYS[c]}": probs.get(c) for c in sorted(CLASS_KEYS)},
         "raw_text": response.text,
+        "evidence": row.get("evidence"),
     }
 
 
-def run_shard(sample: pl.DataFrame, cell: str, shard: int, settings: Traces, out: Path, backend) -> pl.DataFrame:
-    """Ask the teacher (`backend`, unused for an empty shard) about one shard; write the
-    traces and the usage beside them."""
-    rows = trace_shard(sample, cell, shard, settings.shards)
+def run_shard(
+    sample: pl.DataFrame, cell: str, shard: int, settings: Traces, out: Path, backend, evidence: pl.DataFrame | None = None
+) -> pl.DataFrame:
+    """Ask the teacher (`backend`, unused for an empty shard) about one shard, showing each
+    tuple's block of the `evidence` table if one is given; write the traces and the usage
+    beside them."""
+    rows = shard_rows(sample, cell, shard, settings, evidence)
     requests = generator_requests(rows, settings)
     records = []
     with RequestLog(request_log_path(out)) as request_log:
@@ -164,6 +174,14 @@ def run_shard(sample: pl.DataFrame, cell: str, shard: int, settings: Traces, out
         tmp.write_text(json.dumps(usage, indent=2) + "\n")
     write_parquet(df, out)
     return df
+
+
+def shard_rows(
+    sample: pl.DataFrame, cell: str, shard: int, settings: Traces, evidence: pl.DataFrame | None
+) -> pl.DataFrame:
+    """The tuples of one shard, with their evidence blocks when an evidence table is given."""
+    rows = trace_shard(sample, cell, shard, settings.shards)
+    return rows if evidence is None else with_evidence(rows, evidence, f"traces {cell} shard {shard}")
 
 
 # --- CLI -----------------------------------------------------------------------------
@@ -180,6 +198,9 @@ def add_arguments(parser) -> None:
     run.add_argument("--cell", required=True)
     run.add_argument("--shard", required=True, type=int)
     add_settings_arguments(run, "traces")
+    run.add_argument("--evidence", type=Path, default=None,
+                     help="evidence table of the sampled tuples (results/evidence/{split}.traces.parquet): "
+                     "the teacher is shown each tuple's block")
     run.add_argument("--out", required=True, type=Path, help="output: <shard>.parquet (+ .usage.json beside it)")
 
 
@@ -201,8 +222,9 @@ def main(args) -> None:
     if not args.out.name.endswith(".parquet"):
         raise CommandError(f"--out must end in .parquet, got {args.out}")
     sample = _read(args.sample)
-    rows = trace_shard(sample, args.cell, args.shard, settings.shards)  # fail fast, before loading a model
+    evidence = _read(args.evidence) if args.evidence is not None else None
+    rows = shard_rows(sample, args.cell, args.shard, settings, evidence)  # fail fast, before loading a model
     backend = make_backend(settings.model) if rows.height else None
-    df = run_shard(sample, args.cell, args.shard, settings, args.out, backend)
+    df = run_shard(sample, args.cell, args.shard, settings, args.out, backend, evidence)
     counts = df.group_by("status").agg(pl.len(), pl.col("correct").sum()).sort("status")
     log.info("%d traces written to %s\n%s", df.height, args.out, counts)
