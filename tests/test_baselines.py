@@ -135,6 +135,15 @@ def test_knn_breaks_similarity_ties_by_name():
     assert got["g1"]["score_up"] == pytest.approx(1.0)
 
 
+def test_knn_with_one_cell_line_has_no_neighbour_and_falls_back_to_the_prior():
+    # No other cell line: no profile to compare, so no neighbour (and no crash on the empty
+    # feature vocabulary), and every score is the gene prior's.
+    k562 = make_splits().filter(pl.col("cell") == "k562")
+    train = k562.filter(pl.col("role") == "train")
+    assert baselines.nearest_neighbours(train, "k562", ["T1"], 2).height == 0
+    assert scores("knn", splits=k562) == scores("gene_prior", splits=k562)
+
+
 def test_knn_uses_training_neighbours_for_its_threshold():
     # Give P1 and P2 a shared profile: then each is the other's neighbour and the
     # leave-one-out scores of their genes come from the neighbour, not the prior.

@@ -30,7 +30,8 @@ def split_table() -> pl.DataFrame:
         label = NOT_DE if i < 20 else DOWN if i < 25 else UP
         rows.append({"cell": "k562", "pert": "P1", "gene": gene, "label": label, "role": "train"})
     rows += [{"cell": "k562", "pert": "P2", "gene": g, "label": i % 3, "role": "test"} for i, g in enumerate(GENES[:6])]
-    return pl.DataFrame(rows, schema_overrides={"label": pl.Int8})
+    frame = pl.DataFrame(rows, schema_overrides={"label": pl.Int8})
+    return frame.with_columns(de=(pl.col("label") != NOT_DE).cast(pl.Int8))
 
 
 TRACED = pl.DataFrame({"cell": ["k562"] * 3, "pert": ["P1"] * 3, "gene": ["G0", "G20", "G25"]})
@@ -80,13 +81,13 @@ def student(tmp_path_factory, embedded_model):
     return root
 
 
-def settings(student, **rl) -> Grpo:
+def settings(student, rl_row="synthpert_grpo", **rl) -> Grpo:
     base = {"max_steps": 2, "num_generations": 2, "batch_size": 4, "max_completion_length": 8, "save_steps": 1}
     config = demo_config(
         **{f"rl.{k}": v for k, v in {**base, **rl}.items()},
         **{"models.student": {"backend": "local", "model": str(student / "base")}},
     )
-    return step_settings("grpo", config)
+    return step_settings("grpo", config, rl_row=rl_row)
 
 
 class StopAfter(TrainerCallback):
@@ -98,6 +99,31 @@ class StopAfter(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             raise KeyboardInterrupt
+
+
+def test_the_evidence_row_prompts_with_each_tuples_block(student, tmp_path, monkeypatch):
+    """synthpert_grpo_evidence: the same draw, each prompt the evaluation's evidence prompt."""
+    seen = {}
+
+    def capture(model, tokenizer, dataset, *args, **kwargs):
+        seen["prompts"] = dataset["prompt"]
+        raise KeyboardInterrupt  # the prompts are what this test reads: no training
+
+    monkeypatch.setattr(grpo_step, "build_trainer", capture)
+    for row in ("synthpert_grpo", "synthpert_grpo_evidence"):
+        with pytest.raises(KeyboardInterrupt):
+            grpo(student / "split.parquet", student / "sample.parquet", student / "adapter",
+                 settings(student, rl_row=row), tmp_path / row)  # fmt: skip
+        seen[row] = seen.pop("prompts")
+    plain, shown = seen["synthpert_grpo"], seen["synthpert_grpo_evidence"]
+    assert len(plain) == len(shown) == 6
+    drawn = draw_prompts(split_table(), TRACED, settings(student).sample)
+    for before, after, gene in zip(plain, shown, drawn["gene"], strict=True):
+        query = user_query("k562", "P1", gene)
+        block = f"{query}\n\nEvidence from the training data:\n- {gene} in K562: no training knockdown measured it."
+        assert query in before and "Evidence" not in before
+        assert block in after  # P1 is the only perturbation: its own row is never in its block
+        assert after.endswith("<|im_start|>assistant\n<think>\n")
 
 
 @pytest.mark.slow

@@ -286,7 +286,9 @@ def _rate_threshold(scores: np.ndarray, rate: float) -> float:
 
 def _index(values: pl.Series, vocabulary: list[str]) -> np.ndarray:
     """Position of each value in the sorted `vocabulary`, -1 where absent."""
-    lookup = pl.DataFrame({"v": vocabulary, "i": np.arange(len(vocabulary), dtype=np.int64)})
+    lookup = pl.DataFrame(  # typed: an empty vocabulary (no other cell line's DE row) is a String column too
+        {"v": pl.Series(vocabulary, dtype=pl.String), "i": np.arange(len(vocabulary), dtype=np.int64)}
+    )
     joined = pl.DataFrame({"v": values}).join(lookup, on="v", how="left", maintain_order="left")
     return joined["i"].fill_null(-1).to_numpy()
 
