@@ -48,8 +48,6 @@ from synthpert.core.sampling import balanced, sample_size
 from synthpert.core.settings import Generation, Grpo, GrpoEvidence, Sample
 from synthpert.errors import CommandError
 from synthpert.evaluation.answers import qid_expr, question_request, with_evidence
-from synthpert.evaluation.baselines import load_splits
-from synthpert.evaluation.evidence import KEY, build
 from synthpert.evaluation.rewards import TASK, CompletionRewards
 from synthpert.llm import launch
 from synthpert.llm.model import check_adapter, load_tokenizer, resolve_local_model
@@ -98,6 +96,15 @@ def draw_prompts(split_df: pl.DataFrame, traced: pl.DataFrame, sample: Sample) -
     size = sample_size(pool.height, sample)
     drawn = balanced(pool, "label", size, sample.seed) if sample.balanced else pool.sample(size, seed=sample.seed)
     return drawn.with_columns(qid_expr().alias("qid")).sort(TUPLE)
+
+
+def evidence_blocks(split_file, rows: pl.DataFrame, cfg: GrpoEvidence) -> pl.DataFrame:
+    """The evidence blocks of the drawn tuples, as `synthpert evidence-table` builds them
+    (imported here: scikit-learn is needed by the evidence row only)."""
+    from synthpert.evaluation.baselines import load_splits
+    from synthpert.evaluation.evidence import KEY, build
+
+    return build(load_splits(split_file), rows.select(KEY), cfg.evidence)
 
 
 def prompt_texts(tokenizer, rows: pl.DataFrame, generation: Generation) -> tuple[list[str], str]:
@@ -238,8 +245,7 @@ def grpo(split_file, trace_sample, adapter, cfg: Grpo, out_dir, checkpoint_dir=N
     dtype, dtype_name = precision(cfg.model.dtype)
     rows = draw_prompts(pl.read_parquet(split_file), pl.read_parquet(trace_sample), cfg.sample)
     if isinstance(cfg, GrpoEvidence):  # an evidence row: each prompt holds its tuple's block
-        blocks = build(load_splits(split_file), rows.select(KEY), cfg.evidence)
-        rows = with_evidence(rows, blocks, "grpo")
+        rows = with_evidence(rows, evidence_blocks(split_file, rows, cfg), "grpo")
     counts = {CLASS_KEYS[c]: n for c, n in sorted(rows.group_by("label").len().iter_rows())}
     log.info("%d GRPO prompts by class: %s", rows.height, counts)
     if not cfg.sample.balanced:
