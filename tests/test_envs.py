@@ -46,12 +46,8 @@ NOT_REACHED = {
     "critic_select": {("synthpert.llm.backends", f) for f in ("make_backend", "_vllm_backend_class")},
     # The evidence traces' selection is the same step.
     "critic_select_evidence": {("synthpert.llm.backends", f) for f in ("make_backend", "_vllm_backend_class")},
-    # `grpo` resolves the student's weights (llm.model) and builds no LLM backend. KNOWN GAP:
-    # `evidence_blocks` runs for synthpert_grpo_evidence only, and envs/train.yaml lacks its
-    # numpy/scipy/scikit-learn (evaluation.baselines): add scikit-learn to the train extra and
-    # `make lock` (the local venv has them; only a conda-deployed evidence GRPO job fails).
-    "grpo": {("synthpert.llm.backends", f) for f in ("make_backend", "_vllm_backend_class")}
-    | {("synthpert.steps.grpo", "evidence_blocks")},
+    # `grpo` resolves the student's weights (llm.model) and builds no LLM backend.
+    "grpo": {("synthpert.llm.backends", f) for f in ("make_backend", "_vllm_backend_class")},
     # The rule passes --settings, so `screen` never reads a config file (which needs snakemake).
     "screen": {("synthpert.core.config", "complete")},
     # The rule passes the validated configuration as JSON, so `plan` never reads a config file.

@@ -24,7 +24,7 @@ from synthpert.core.settings import Grpo, GrpoEvidence
 from synthpert.errors import CommandError
 from synthpert.llm.step_requests import critic_requests, generator_requests
 from synthpert.steps.critic import select
-from synthpert.steps.plan import EVIDENCE_TRACES, critic_jobs, trace_jobs
+from synthpert.steps.plan import EVIDENCE_TRACES, build_plan, critic_jobs, trace_jobs
 from synthpert.steps.traces import draw_sample, run_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +44,7 @@ def test_the_rows_and_variants():
     assert rows.sft_variants(both) == rows.sft_variants(plain) == ["synthpert", "sft_data"]
     assert [rows.plain_traces(c) for c in (plain, both, only)] == [True, True, False]
     assert [rows.evidence_traces(c) for c in (plain, both, only)] == [False, True, True]
+    assert [rows.trace_kinds(c) for c in (plain, both, only)] == [[False], [False, True], [True]]
     assert rows.row_model_name("synthpert_evidence", plain) == plain["train"]["model"]
 
 
@@ -149,6 +150,28 @@ def test_the_plan_counts_the_evidence_traces_prompts(tmp_path):
     placeholders = critic_jobs(config, tmp_path, 10, True)
     assert all(not j.exact and all("\n\nBLOCK " in r.messages[1][1] for r in j.requests) for j in placeholders)
     assert generator_requests(sample.head(0), step_settings("traces", config)) == []
+
+
+def test_the_plan_of_the_evidence_variant_alone_counts_no_plain_trace(tmp_path):
+    """Trained alone, `synthpert_evidence` has no plain trace job (the DAG asks for none), so
+    the plan prices only the evidence traces and their critic."""
+    api = {"backend": "openai", "model": "o4-mini", "price": {"input": 1.1, "output": 4.4, "date": "2026-07-02", "source": "test"}}
+    config = demo_config(**{"models.teacher": api, "models.critic": api, "data.cells": ["k562", "rpe1"], "data.holdout": [],
+                            "traces.shards": 1, "train.variants": ["synthpert_evidence"], "evaluate.rows": ["majority"]})  # fmt: skip
+    split = split_table().filter(pl.col("cell") != "hepg2")
+    sample = draw_sample(split, sample_of(count=6, seed=88), shards=1)
+    for path, frame in ((paths.trace_sample("default", tmp_path), sample),
+                        (paths.trace_evidence_table("default", tmp_path), blocks(sample)),
+                        (paths.questions("default", tmp_path), split.filter(pl.col("split") == "test"))):  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.write_parquet(path)
+    plan = build_plan(config, tmp_path)
+    assert plan.select("step", "row").rows() == [("traces", EVIDENCE_TRACES), ("critic", EVIDENCE_TRACES)]
+    assert plan.filter(pl.col("step") == "traces")["requests"].item() == 6
+    both = {**config, "train": {**config["train"], "variants": ["synthpert", "synthpert_evidence"]}}
+    assert build_plan(both, tmp_path).select("step", "row").rows() == [
+        ("traces", ""), ("critic", ""), ("traces", EVIDENCE_TRACES), ("critic", EVIDENCE_TRACES)
+    ]
 
 
 def test_synthpert_evidence_end_to_end(tmp_path, embedded_model):

@@ -67,3 +67,5 @@ def test_request_logs_are_the_logs_of_the_configured_jobs():
         for cell in cells
         for kind in ("", "graded.")
     }
+    alone = {str(p) for p in paths.request_logs(demo_config(**{"train.variants": ["synthpert_evidence"]}))}
+    assert alone == trained - {log for log in logs if log.startswith("results/traces/")}  # no plain traces

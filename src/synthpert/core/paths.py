@@ -81,9 +81,8 @@ def request_logs(config: dict, results: str | Path = RESULTS) -> list[Path]:
     """Every request log the configured traces, critic and model-row jobs write, whether
     it exists yet or not."""
     logs = []
-    kinds = [False, True] if rows.evidence_traces(config) else [False]
     for split in splits.splits(config):
-        for evidence in kinds:
+        for evidence in rows.trace_kinds(config):
             for cell in splits.train_cells(config, split):
                 for shard in range(config["traces"]["shards"]):
                     logs.append(request_log_path(trace_shard(split, cell, shard, results, evidence)))

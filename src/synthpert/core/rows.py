@@ -80,6 +80,12 @@ def evidence_traces(config: dict) -> bool:
     return any(uses_evidence(v) for v in config["train"]["variants"])
 
 
+def trace_kinds(config: dict) -> list[bool]:
+    """The traces a configuration writes, as the `evidence` flag of their paths: False for
+    the paper's traces, True for the traces with evidence; neither when nothing is trained."""
+    return [evidence for evidence, wanted in ((False, plain_traces(config)), (True, evidence_traces(config))) if wanted]
+
+
 def engine_rows(config: dict) -> list[str]:
     """The rows one vLLM engine answers together in each evaluation shard: the student's
     base and fine-tuned rows, when the student is served by `vllm` (its base weights are

@@ -48,6 +48,8 @@ from synthpert.core.sampling import balanced, sample_size
 from synthpert.core.settings import Generation, Grpo, GrpoEvidence, Sample
 from synthpert.errors import CommandError
 from synthpert.evaluation.answers import qid_expr, question_request, with_evidence
+from synthpert.evaluation.baselines import load_splits
+from synthpert.evaluation.evidence import KEY, build
 from synthpert.evaluation.rewards import TASK, CompletionRewards
 from synthpert.llm import launch
 from synthpert.llm.model import check_adapter, load_tokenizer, resolve_local_model
@@ -99,11 +101,7 @@ def draw_prompts(split_df: pl.DataFrame, traced: pl.DataFrame, sample: Sample) -
 
 
 def evidence_blocks(split_file, rows: pl.DataFrame, cfg: GrpoEvidence) -> pl.DataFrame:
-    """The evidence blocks of the drawn tuples, as `synthpert evidence-table` builds them
-    (imported here: scikit-learn is needed by the evidence row only)."""
-    from synthpert.evaluation.baselines import load_splits
-    from synthpert.evaluation.evidence import KEY, build
-
+    """The evidence blocks of the drawn tuples, as `synthpert evidence-table` builds them."""
     return build(load_splits(split_file), rows.select(KEY), cfg.evidence)
 
 

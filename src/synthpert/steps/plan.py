@@ -291,7 +291,7 @@ def build_plan(config: dict, results: Path) -> pl.DataFrame:
 
     records = []
     teacher, critic = config["traces"]["model"], config["critic"]["model"]
-    for evidence in [False, True] if table_rows.evidence_traces(config) else [False]:
+    for evidence in table_rows.trace_kinds(config):
         row = EVIDENCE_TRACES if evidence else ""
         traces = plan_row("traces", teacher, row, trace_jobs(config, results, evidence), view_of(teacher),
                           config["traces"]["budget_usd"])  # fmt: skip
