@@ -42,6 +42,13 @@ wildcard_constraints:
     row="|".join(config["evaluate"]["rows"]),
 
 
+# The one shell line of both trace rules: the evidence traces add `--evidence`.
+TRACES_SHELL = (
+    "python -m synthpert traces run --sample {{input.sample}} {evidence}--cell {{wildcards.cell}} "
+    "--shard {{wildcards.shard}} --settings {{params.settings:q}} --run {{params.run:q}} "
+    "--out {{output.traces}} 2> {{log}}"
+)
+
 # The one shell line of both predict rules (one row per job, or the rows one engine answers
 # together); each fills in where its rows and adapters come from.
 PREDICT_SHELL = (

@@ -30,9 +30,7 @@ rule traces:
         settings=result_settings("traces"),
         run=run_settings("traces"),
     shell:
-        "python -m synthpert traces run --sample {input.sample} --cell {wildcards.cell} "
-        "--shard {wildcards.shard} --settings {params.settings:q} --run {params.run:q} "
-        "--out {output.traces} 2> {log}"
+        TRACES_SHELL.format(evidence="")
 
 
 rule critic_grade:
@@ -92,9 +90,7 @@ rule traces_evidence:
         settings=result_settings("traces"),
         run=run_settings("traces"),
     shell:
-        "python -m synthpert traces run --sample {input.sample} --evidence {input.evidence} "
-        "--cell {wildcards.cell} --shard {wildcards.shard} --settings {params.settings:q} "
-        "--run {params.run:q} --out {output.traces} 2> {log}"
+        TRACES_SHELL.format(evidence="--evidence {input.evidence} ")
 
 
 use rule critic_grade as critic_grade_evidence with:
