@@ -100,11 +100,6 @@ def draw_prompts(split_df: pl.DataFrame, traced: pl.DataFrame, sample: Sample) -
     return drawn.with_columns(qid_expr().alias("qid")).sort(TUPLE)
 
 
-def evidence_blocks(split_file, rows: pl.DataFrame, cfg: GrpoEvidence) -> pl.DataFrame:
-    """The evidence blocks of the drawn tuples, as `synthpert evidence-table` builds them."""
-    return build(load_splits(split_file), rows.select(KEY), cfg.evidence)
-
-
 def prompt_texts(tokenizer, rows: pl.DataFrame, generation: Generation) -> tuple[list[str], str]:
     """Each tuple's prompt as the evaluation renders it for a local model (chat template, then
     the prefill), and the prefill. TRL tokenises text with special tokens, so a BOS the
@@ -243,7 +238,8 @@ def grpo(split_file, trace_sample, adapter, cfg: Grpo, out_dir, checkpoint_dir=N
     dtype, dtype_name = precision(cfg.model.dtype)
     rows = draw_prompts(pl.read_parquet(split_file), pl.read_parquet(trace_sample), cfg.sample)
     if isinstance(cfg, GrpoEvidence):  # an evidence row: each prompt holds its tuple's block
-        rows = with_evidence(rows, evidence_blocks(split_file, rows, cfg), "grpo")
+        blocks = build(load_splits(split_file), rows.select(KEY), cfg.evidence)
+        rows = with_evidence(rows, blocks, "grpo")
     counts = {CLASS_KEYS[c]: n for c, n in sorted(rows.group_by("label").len().iter_rows())}
     log.info("%d GRPO prompts by class: %s", rows.height, counts)
     if not cfg.sample.balanced:
